@@ -1,0 +1,312 @@
+"""Recipes: strict YAML -> dataclasses, typed `section.key=value` overrides, range checks.
+
+Input: a YAML file (a mapping with the sections below) and optional command-line overrides.
+Output: a validated `Recipe`. Every mistake raises `UserError` with one line naming the key: unknown keys, wrong
+types (an int where a float is expected is accepted, a bool is never an int), out-of-range values, and malformed
+YAML. The defaults are the built-in CPU recipe's values; a recipe file only states what it changes, but
+`recipes/*.yaml` spell everything out with the cost of each knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from frugal_spin.errors import UserError
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATASET = "builtin:arithmetic"
+
+
+@dataclass
+class ModelConfig:
+    name: str = BUILTIN_MODEL
+    backend: Literal["auto", "transformers"] = "auto"
+    load_in_4bit: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    logprob_chunk_size: int = 1024
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _positive("model.logprob_chunk_size", self.logprob_chunk_size)
+        if not self.name.strip():
+            raise UserError("model.name is empty: give a hub id, a local directory or builtin:tiny-llama")
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def validate(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise UserError("lora.target_modules is empty: name at least one module or use [all-linear]")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = BUILTIN_DATASET
+    split: str = "train_sft"
+    eval_split: str = "test_sft"
+    fraction: float = 1.0
+    eval_size: int = 200
+    max_prompt_tokens: int = 256
+    max_answer_tokens: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        _positive("data.eval_size", self.eval_size)
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        _positive("data.max_answer_tokens", self.max_answer_tokens)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def validate(self, section: str) -> None:
+        if self.epochs <= 0:
+            raise UserError(f"{section}.epochs must be > 0, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise UserError(f"{section}.learning_rate must be > 0, got {self.learning_rate}")
+        _positive(f"{section}.micro_batch_size", self.micro_batch_size)
+        _positive(f"{section}.grad_accum_steps", self.grad_accum_steps)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"{section}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError(f"{section}.weight_decay and {section}.max_grad_norm must be >= 0")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    pass
+
+
+@dataclass
+class SpinConfig(TrainConfig):
+    iterations: int = 2
+    beta: float = 0.1
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if self.iterations < 0:
+            raise UserError(f"spin.iterations must be >= 0, got {self.iterations}")
+        if self.beta <= 0:
+            raise UserError(f"spin.beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        _positive("generation.max_new_tokens", self.max_new_tokens)
+        _positive("generation.batch_size", self.batch_size)
+        if self.temperature < 0:
+            raise UserError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 64
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/cpu_tiny"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    spin: SpinConfig = field(default_factory=SpinConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise UserError("output_dir is empty")
+        self.model.validate()
+        self.lora.validate()
+        self.data.validate()
+        self.sft.validate("sft")
+        self.spin.validate("spin")
+        self.generation.validate()
+        self.eval.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------- strict construction from plain data
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float). Raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except UserError:
+                continue
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, prefix=f"{key}.")
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in the dataclasses above
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise UserError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise UserError(f"unknown key {prefix}{key!s} (valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                            f"{', '.join(names)})")
+    kwargs = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    path = dotted.strip().split(".")
+    if not all(path):
+        raise UserError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {text!r}: value is not valid YAML ({_first_line(exc)})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `section.key=value` overrides into the raw recipe mapping. The key path is checked against the schema
+    here; the value's type is checked with the rest of the recipe by `_build`."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node, cls = data, Recipe
+        for i, part in enumerate(path):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                where = ".".join(path[:i])
+                raise UserError(f"override {text!r}: unknown key {'.'.join(path[:i + 1])} "
+                                f"(valid keys{' in ' + where if where else ''}: {', '.join(names)})")
+            if i == len(path) - 1:
+                node[part] = value
+                break
+            cls = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(cls):
+                raise UserError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"{'.'.join(path[:i + 1])} must be a section (a mapping), got {child!r}")
+            node = child
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(dict(data), list(overrides or []))
+    recipe = _build(Recipe, data)
+    recipe.validate()
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {_first_line(exc)}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from None
+    if data is None:
+        raise UserError(f"recipe {path} is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return recipe_from_dict(data, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

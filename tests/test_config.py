@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from frugal_spin.config import Recipe, load_recipe, recipe_from_dict
+from frugal_spin.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+
+
+def test_recipes_directory_is_not_empty():
+    assert (REPO / "recipes" / "cpu_tiny.yaml").is_file()
+
+
+def test_defaults_and_typed_overrides():
+    recipe = recipe_from_dict({"output_dir": "x"}, ["spin.iterations=3", "spin.beta=0.5", "data.fraction=1",
+                                                    "lora.target_modules=[q_proj, v_proj]", "model.load_in_4bit=false"])
+    assert recipe.spin.iterations == 3 and recipe.spin.beta == 0.5
+    assert recipe.data.fraction == 1.0 and isinstance(recipe.data.fraction, float)
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.model.load_in_4bit is False
+
+
+@pytest.mark.parametrize("data, overrides, message", [
+    ({"bogus": 1}, [], "unknown key bogus"),
+    ({"spin": {"betta": 0.1}}, [], "unknown key spin.betta"),
+    ({}, ["spin.nope=1"], "unknown key spin.nope"),
+    ({"spin": {"iterations": "two"}}, [], "spin.iterations must be int"),
+    ({"spin": {"iterations": 1.5}}, [], "spin.iterations must be int"),
+    ({"spin": {"iterations": True}}, [], "spin.iterations must be int"),
+    ({"spin": {"beta": "high"}}, [], "spin.beta must be float"),
+    ({"model": {"load_in_4bit": "yes"}}, [], "model.load_in_4bit must be bool"),
+    ({"model": {"device": "tpu"}}, [], "model.device must be"),
+    ({"spin": 3}, [], "spin must be SpinConfig"),
+    ({}, ["spin.beta=-0.1"], "spin.beta must be > 0"),
+    ({}, ["spin.iterations=-1"], "spin.iterations must be >= 0"),
+    ({}, ["data.fraction=0"], "data.fraction must be in (0, 1]"),
+    ({}, ["data.fraction=1.5"], "data.fraction must be in (0, 1]"),
+    ({}, ["sft.learning_rate=0"], "sft.learning_rate must be > 0"),
+    ({}, ["spin.beta"], "not of the form section.key=value"),
+    ({}, ["spin.beta=[1"], "not valid YAML"),
+    ({}, ["spin.beta.x=1"], "spin.beta is not a section"),
+])
+def test_bad_recipes_name_the_key(data, overrides, message):
+    with pytest.raises(UserError) as info:
+        recipe_from_dict(data, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        load_recipe(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("spin: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "frugal_spin", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("content, overrides, message", [
+    ("spin:\n  beta: -1\n", [], "spin.beta must be > 0"),
+    ("spin: {iterations: 1}\n", ["spin.iterations=-2"], "spin.iterations must be >= 0"),
+    ("whatever: 1\n", [], "unknown key whatever"),
+    ("data:\n  dataset: ./nowhere.jsonl\n", [], "data.dataset: file not found"),
+    ("model:\n  name: ./no_such_model_dir\n", [], "model.name: directory not found"),
+    ("output_dir: FILE\n", [], "is not a directory"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, content, overrides, message):
+    (tmp_path / "FILE").write_text("I am a file")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content.replace("FILE", str(tmp_path / "FILE")))
+    result = _cli(str(recipe), *overrides, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "FILE").read_text() == "I am a file"
+
+
+def test_cli_dry_run_prints_plan_without_loading(tmp_path):
+    result = _cli(str(REPO / "recipes" / "cpu_tiny.yaml"), "spin.iterations=1", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "iter_0.train" in result.stdout and "iter_1" not in result.stdout
+    assert not (tmp_path / "runs").exists()
