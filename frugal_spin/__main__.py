@@ -1,0 +1,71 @@
+"""Command line: `python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]`.
+
+Runs the whole method of the recipe (see pipeline.py). A user mistake (recipe, override, path, dataset) prints one
+line, `error: ...`, and exits with status 2; nothing else of the run is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from frugal_spin.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m frugal_spin",
+        description="LoRA SFT then SPIN self-play iterations on a 4-bit base, as described by a YAML recipe.")
+    parser.add_argument("recipe", help="path to a recipe YAML file, e.g. recipes/cpu_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override recipe values, type-checked like the file (e.g. spin.iterations=1)")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete the earlier run in output_dir and start over (default: resume)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe and print the resolved plan without loading weights or data")
+    return parser
+
+
+def dry_run(recipe) -> None:
+    from frugal_spin.config import dump_recipe
+    from frugal_spin.data import check_dataset_reference
+    from frugal_spin.model import check_model_reference
+
+    check_dataset_reference(recipe.data)
+    check_model_reference(recipe.model)
+    stages = ["setup", "sft", "anchor", "sft.eval"]
+    for t in range(recipe.spin.iterations):
+        stages += [f"iter_{t}.generate", f"iter_{t}.score", f"iter_{t}.train", f"iter_{t}.eval"]
+    print(dump_recipe(recipe), end="")
+    print(f"# model: {recipe.model.name} (4-bit: {recipe.model.load_in_4bit}, device: {recipe.model.device})")
+    print(f"# data: {recipe.data.dataset} (fraction {recipe.data.fraction}, held-out {recipe.data.eval_size})")
+    print(f"# stages: {' | '.join(stages)}")
+    print(f"# output directory: {recipe.output_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from frugal_spin.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            dry_run(recipe)
+            return 0
+        from frugal_spin.ui import quiet_libraries
+
+        quiet_libraries()
+        from frugal_spin.pipeline import run_recipe
+
+        run_recipe(recipe, restart=args.restart)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Model: load the (4-bit) base once, attach one LoRA adapter, load and save adapter weights.
+
+Inputs: `ModelConfig` and `LoraSection` of the recipe; `model.name` is a hub id, a local directory, or
+`builtin:tiny-llama` (built locally and cached by `frugal_spin.tiny_base`).
+Outputs: a `peft.PeftModel` with exactly one adapter ("default") and its tokenizer.
+
+Player and opponent share this one model: the opponent is the same base with the previous stage's adapter
+weights loaded, used for generation and scoring before training starts; the player is trained in place from
+those weights. So only one base and one adapter are ever in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from frugal_spin.config import BUILTIN_MODEL, LoraSection, ModelConfig
+from frugal_spin.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    compute_dtype: torch.dtype
+    gradient_checkpointing: bool
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """Mixed precision only on CUDA: on CPU everything trainable and every activation stays fp32."""
+        return self.compute_dtype if self.device.type == "cuda" and self.compute_dtype != torch.float32 else None
+
+
+def resolve_runtime(cfg: ModelConfig) -> Runtime:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is cuda but no CUDA GPU is visible (use model.device=auto or cpu)")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if cfg.dtype != "auto":
+        dtype = getattr(torch, cfg.dtype)
+    elif device.type == "cuda":
+        # A T4 has no bf16: fp16 there, with a GradScaler and fp32 LoRA weights (see train.py).
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
+    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
+    return Runtime(device, dtype, checkpointing)
+
+
+def check_model_reference(cfg: ModelConfig) -> None:
+    """Fail fast, before anything is loaded, on a local model path that does not exist."""
+    if cfg.name.startswith("builtin:"):
+        if cfg.name != BUILTIN_MODEL:
+            raise UserError(f"model.name: unknown built-in model {cfg.name!r} (available: {BUILTIN_MODEL})")
+        return
+    # Hub ids are "org/name": a name that starts like a path, has more than one slash, or exists is local.
+    if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1 or Path(cfg.name).expanduser().exists():
+        path = Path(cfg.name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.name: directory not found: {path}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {path} has no config.json (not a transformers model directory)")
+
+
+def resolve_base_path(cfg: ModelConfig, run_dir: Path) -> str:
+    """Where to load the base from; the built-in base is built (or taken from the cache) into `run_dir/base`.
+
+    The built-in base plays the part of a hub checkpoint, so it does not depend on the recipe's seed: runs over
+    several seeds start from the same base, and changing the seed never rebuilds it."""
+    check_model_reference(cfg)
+    if cfg.name == BUILTIN_MODEL:
+        from frugal_spin.tiny_base import ensure_tiny_base
+
+        return str(ensure_tiny_base(run_dir / "base"))
+    return str(Path(cfg.name).expanduser()) if Path(cfg.name).expanduser().is_dir() else cfg.name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"model.name: cannot load a tokenizer from {path!r}: {' '.join(str(exc).split())[:300]}")
+    if tokenizer.chat_template is None:
+        raise UserError(f"model.name: the tokenizer of {path!r} has no chat template (use an instruct/chat model)")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.name: the tokenizer of {path!r} has no eos token")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere, so reusing eos as pad changes no number.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
+    """Work around a bitsandbytes CPU bug (see DESIGN.md): on CPUs with AVX512-BF16 the first eval-mode forward
+    repacks `Linear4bit` weights, after which backward passes silently drop LoRA gradients. Generation and opponent
+    scoring both run eval forwards before training, so this must be off before any of them. Returns how many
+    layers were changed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = dict(dtype=runtime.compute_dtype, trust_remote_code=cfg.trust_remote_code,
+                  device_map={"": runtime.device.index or 0} if runtime.device.type == "cuda" else "cpu")
+    if cfg.load_in_4bit:
+        # NF4 with double quantisation: ~0.5 byte per weight; compute in the runtime dtype.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=runtime.compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(f"model.name: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+    disable_cpu_bf16_repack(model)
+    model.config.use_cache = False  # only generation needs the KV cache; it asks for it explicitly
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if runtime.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs, so no embedding-output hook is needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def attach_lora(base: torch.nn.Module, cfg: LoraSection):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    lora_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM")
+    try:
+        # peft keeps adapter weights in fp32 (autocast_adapter_dtype), which fp16 training on a T4 needs.
+        return get_peft_model(base, lora_config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Overwrite the model's adapter with the weights saved in `adapter_dir` (strict: every LoRA tensor must match)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights_file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise UserError(f"adapter weights not found: {weights_file}")
+    state = load_file(str(weights_file), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise UserError(f"adapter {adapter_dir} does not match the recipe's LoRA layout "
+                        f"(missing {len(missing)}, unexpected {len(result.unexpected_keys)} tensors)")
+
+
+def save_adapter(model, adapter_dir: Path) -> None:
+    """PEFT `save_pretrained` into a temporary sibling directory, then rename: a crash never leaves a partial
+    adapter where a rerun would look for a finished one."""
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

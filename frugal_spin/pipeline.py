@@ -1,0 +1,262 @@
+"""The stage loop: base -> LoRA SFT -> evaluation -> SPIN iterations (generate, score, train, evaluate).
+
+Input: a validated `Recipe`. Output: the run directory (see README, "What a run directory holds").
+Finished stages are skipped on a rerun (see `stages.py`); their outputs are read back from disk, and every
+adapter the pipeline uses (as opponent or for evaluation) is loaded from its saved files, so what is on disk is
+exactly what was used.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frugal_spin import ui
+from frugal_spin.config import BUILTIN_DATASET, Recipe, dump_recipe
+from frugal_spin.data import Encoded, check_dataset_reference, encode_example, load_splits
+from frugal_spin.errors import UserError
+from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
+from frugal_spin.generate import generate_answers
+from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safetensors, write_text
+from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
+                               load_tokenizer, resolve_base_path, resolve_runtime, save_adapter)
+from frugal_spin.scoring import score_responses
+from frugal_spin.stages import StageStore, fingerprint
+from frugal_spin.train import sft_step_fn, spin_step_fn, total_optimizer_steps, train_adapter
+
+
+def prepare_run_dir(recipe: Recipe, restart: bool) -> Path:
+    """Check the output directory before any long work; `restart` wipes an earlier run (and only a run)."""
+    run_dir = Path(recipe.output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir {run_dir} exists and is not a directory")
+    if restart and run_dir.is_dir() and any(run_dir.iterdir()):
+        if not (run_dir / "recipe.yaml").is_file():
+            raise UserError(f"--restart: {run_dir} is not a frugal_spin run directory (no recipe.yaml); not deleting it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    except OSError as exc:
+        raise UserError(f"output_dir {run_dir} is not writable: {exc.strerror or exc}") from None
+    return run_dir
+
+
+class Run:
+    """One pipeline execution over a run directory. Holds the single model every stage shares."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path):
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.store = StageStore(run_dir)
+        self.runtime = resolve_runtime(recipe.model)
+        self.chunk = recipe.model.logprob_chunk_size
+        self.model = None
+        self.tokenizer = None
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        r = self.recipe
+        start = time.perf_counter()
+        base_path = resolve_base_path(r.model, self.run_dir)
+        self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit, asdict(r.lora))
+        self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        splits = load_splits(r.data, r.seed)
+        counts = splits.counts
+        self.train = [encode_example(self.tokenizer, e, r.data, counts) for e in splits.train]
+        self.heldout = [encode_example(self.tokenizer, e, r.data, counts) for e in splits.heldout]
+        self.heldout_answers = [e.answer for e in splits.heldout]
+        self.train_examples, self.heldout_examples = splits.train, splits.heldout
+        self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
+        self.model = attach_lora(load_base_model(base_path, r.model, self.runtime), r.lora)
+        self.store.complete("setup", self.data_fp, "setup", {
+            "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(counts),
+            "device": str(self.runtime.device), "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
+            "gradient_checkpointing": self.runtime.gradient_checkpointing}, time.perf_counter() - start)
+
+    # ------------------------------------------------------------ stages
+
+    def run_sft(self) -> str:
+        r = self.recipe
+        fp = fingerprint("sft", self.data_fp, asdict(r.sft), r.seed)
+        adapter_dir = self.run_dir / "sft" / "adapter"
+        if self.store.completed("sft", fp) and adapter_dir.is_dir():
+            ui.note("[dim]sft: complete, skipped[/dim]")
+            return fp
+        start = time.perf_counter()
+        step = sft_step_fn(self.model, self.train, self.pad_id, self.chunk, self.runtime.device)
+        lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in self.train]
+        with ui.stage_bar("sft", total_optimizer_steps(len(self.train), r.sft), "steps") as advance:
+            result = train_adapter(self.model, self.runtime, r.sft, lengths, step, seed=r.seed,
+                                   on_step=lambda s, loss: advance(loss=loss))
+        save_adapter(self.model, adapter_dir)
+        wall = time.perf_counter() - start
+        self.store.complete("sft", fp, "train", {**result.summary(), "tokens_per_s": result.tokens / wall,
+                                                  "loss_curve": result.losses}, wall)
+        return fp
+
+    def make_anchor(self, sft_fp: str) -> str:
+        """Held-out prompts answered by the SFT model and scored by it: the fixed opponent of every evaluation."""
+        r = self.recipe
+        fp = fingerprint("anchor", sft_fp, asdict(r.generation))
+        pairs_path, logps_path = self.run_dir / "eval" / "anchor_pairs.jsonl", self.run_dir / "eval" / "anchor_logps.safetensors"
+        if self.store.completed("anchor", fp) and pairs_path.is_file() and logps_path.is_file():
+            return fp
+        start = time.perf_counter()
+        load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
+        rows, logps, _ = self._generate_and_score("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919)
+        write_jsonl(pairs_path, rows)
+        write_safetensors(logps_path, logps)
+        self.store.complete("anchor", fp, "generate", {"pairs": len(rows)}, time.perf_counter() - start)
+        return fp
+
+    def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
+        r = self.recipe
+        fp = fingerprint("eval", adapter_fp, anchor_fp, asdict(r.eval), r.spin.beta)
+        if self.store.completed(name, fp):
+            return
+        start = time.perf_counter()
+        load_adapter_weights(self.model, adapter_dir)
+        metrics: dict[str, Any] = {}
+        with ui.stage_bar(name, 3, "parts") as advance:
+            metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
+                                                 batch_size=r.eval.batch_size, chunk_size=self.chunk)
+            advance()
+            anchor = read_jsonl(self.run_dir / "eval" / "anchor_pairs.jsonl")
+            anchor_logps = read_safetensors(self.run_dir / "eval" / "anchor_logps.safetensors")
+            metrics.update(anchor_spin_metrics(
+                self.model, [a["prompt_ids"] for a in anchor], [a["real_ids"] for a in anchor],
+                [a["generated_ids"] for a in anchor], anchor_logps["real"], anchor_logps["generated"],
+                beta=r.spin.beta, pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk))
+            advance()
+            if r.data.dataset == BUILTIN_DATASET:
+                from frugal_spin.tasks.arithmetic import is_correct
+
+                metrics["exact_match"], texts = exact_match(
+                    self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
+                    max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
+                metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
+                                      list(zip(self.heldout_examples, self.heldout_answers, texts))[:5]]
+            advance()
+        self.store.complete(name, fp, "eval", metrics, time.perf_counter() - start)
+
+    def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
+        r = self.recipe
+        it_dir = self.run_dir / f"iter_{t}"
+        pairs_path, logps_path = it_dir / "pairs.jsonl", it_dir / "opponent_logps.safetensors"
+        # The opponent is base + the previous stage's adapter, read back from disk (never the bare base).
+        load_adapter_weights(self.model, opponent_dir)
+
+        gen_fp = fingerprint("generate", opponent_fp, asdict(r.generation), r.seed, t)
+        score_fp = fingerprint("score", gen_fp)
+        if not (self.store.completed(f"iter_{t}.generate", gen_fp) and self.store.completed(f"iter_{t}.score", score_fp)
+                and pairs_path.is_file() and logps_path.is_file()):
+            self._generate_iteration(t, pairs_path, logps_path, gen_fp, score_fp)
+
+        train_fp = fingerprint("spin-train", score_fp, {k: v for k, v in asdict(r.spin).items() if k != "iterations"})
+        adapter_dir = it_dir / "adapter"
+        if self.store.completed(f"iter_{t}.train", train_fp) and adapter_dir.is_dir():
+            return train_fp
+        rows = read_jsonl(pairs_path)
+        cache = read_safetensors(logps_path)
+        start = time.perf_counter()
+        step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], [x["real_ids"] for x in rows],
+                            [x["generated_ids"] for x in rows], cache["real"], cache["generated"], r.spin.beta,
+                            self.pad_id, self.chunk, self.runtime.device)
+        lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
+        with ui.stage_bar(f"iter_{t} train", total_optimizer_steps(len(rows), r.spin), "steps") as advance:
+            result = train_adapter(self.model, self.runtime, r.spin, lengths, step, seed=r.seed + 1000 * (t + 1),
+                                   on_step=lambda s, loss: advance(loss=loss))
+        save_adapter(self.model, adapter_dir)
+        wall = time.perf_counter() - start
+        self.store.complete(f"iter_{t}.train", train_fp, "train",
+                            {**result.summary(), "tokens_per_s": result.tokens / wall, "loss_curve": result.losses,
+                             "margin_curve": result.metrics.get("reward_margin", [])}, wall)
+        return train_fp
+
+    def _generate_iteration(self, t: int, pairs_path: Path, logps_path: Path, gen_fp: str, score_fp: str) -> None:
+        rows, logps, (generate_s, score_s) = self._generate_and_score(
+            f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1))
+        write_jsonl(pairs_path, rows)
+        gen_tokens = sum(len(x["generated_ids"]) for x in rows)
+        self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {
+            "answers": len(rows), "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / generate_s,
+            "mean_answer_tokens": gen_tokens / max(1, len(rows)),
+            "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
+        }, generate_s)
+        write_safetensors(logps_path, logps)
+        scored_tokens = sum(len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+        self.store.complete(f"iter_{t}.score", score_fp, "score", {
+            "sequences": 2 * len(rows), "tokens_per_s": scored_tokens / score_s,
+            "opponent_real_logp_mean": logps["real"].mean().item(),
+            "opponent_generated_logp_mean": logps["generated"].mean().item(),
+        }, score_s)
+
+    def _generate_and_score(self, label: str, encoded: list[Encoded], examples: list, seed: int):
+        """Sample one answer per prompt with the loaded adapter, then score the real and generated answers.
+        Returns the pairs.jsonl rows, the log-prob tensors and (generate seconds, score seconds)."""
+        g = self.recipe.generation
+        encoded = [(e.prompt_ids, e.answer_ids) for e in encoded]
+        start = time.perf_counter()
+        with ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
+            generated = generate_answers(self.model, self.tokenizer, [p for p, _ in encoded],
+                                         max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                                         temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
+                                         on_batch=advance)
+        generate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with ui.stage_bar(f"{label} score", 2 * len(encoded), "sequences") as advance:
+            real_logps = score_responses(self.model, encoded, pad_id=self.pad_id, batch_size=g.batch_size,
+                                         chunk_size=self.chunk, on_batch=advance)
+            gen_logps = score_responses(self.model, [(p, y) for (p, _), y in zip(encoded, generated)],
+                                        pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
+                                        on_batch=advance)
+        score_s = time.perf_counter() - start
+        rows = [{"prompt": ex.prompt, "real": ex.answer,
+                 "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
+                 "prompt_ids": list(p), "real_ids": list(y), "generated_ids": gen_ids}
+                for ex, (p, y), gen_ids in zip(examples, encoded, generated)]
+        return rows, {"real": real_logps, "generated": gen_logps}, (generate_s, score_s)
+
+    # ------------------------------------------------------------ the whole method
+
+    def execute(self) -> list[dict[str, Any]]:
+        r = self.recipe
+        random.seed(r.seed)
+        torch.manual_seed(r.seed)
+        self.setup()
+        sft_fp = self.run_sft()
+        anchor_fp = self.make_anchor(sft_fp)
+        self.evaluate("sft.eval", self.run_dir / "sft" / "adapter", sft_fp, anchor_fp)
+        opponent_dir, opponent_fp = self.run_dir / "sft" / "adapter", sft_fp
+        for t in range(r.spin.iterations):
+            player_fp = self.spin_iteration(t, opponent_dir, opponent_fp)
+            opponent_dir, opponent_fp = self.run_dir / f"iter_{t}" / "adapter", player_fp
+            self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
+        records = self.store.records()
+        ui.console.print(ui.summary_table(records))
+        ui.note(f"run directory: {self.run_dir}")
+        return records
+
+
+def _base_identity(path: Path) -> str:
+    """What identifies the base weights: the config plus the built-in builder's info when there is one."""
+    parts = [(path / name).read_text(encoding="utf-8") for name in ("config.json", "build_info.json")
+             if (path / name).is_file()]
+    return fingerprint(parts or [str(path)])
+
+
+def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
+    check_dataset_reference(recipe.data)
+    check_model_reference(recipe.model)
+    run_dir = prepare_run_dir(recipe, restart)
+    Run(recipe, run_dir).execute()
+    return run_dir

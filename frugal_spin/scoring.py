@@ -1,0 +1,39 @@
+"""Scoring: summed log-probs of responses under the current model, in length-sorted batches, no gradients.
+
+Inputs: (prompt_ids, response_ids) pairs. Output: a float32 tensor, row i = Σ_t log p(response_i,t | prompt_i,
+response_i,<t) by teacher forcing. Used to build the opponent cache once per SPIN iteration (the player then
+trains against these numbers with no opponent forward pass) and by evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from frugal_spin.data import collate_sequences, length_grouped_batches
+from frugal_spin.logprobs import sequence_logprobs
+
+
+@torch.no_grad()
+def score_responses(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), dtype=torch.float32)
+    for batch in length_grouped_batches([len(p) + len(r) for p, r in pairs], batch_size, seed=None):
+        seqs = collate_sequences([pairs[i] for i in batch], pad_id).to(device)
+        out[batch] = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
+                                       chunk_size=chunk_size).float().cpu()
+        if on_batch is not None:
+            on_batch(len(batch))
+    model.train(was_training)
+    return out

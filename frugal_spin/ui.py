@@ -1,0 +1,72 @@
+"""Terminal display: one rich progress bar with ETA per long stage, and the end-of-run summary table."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+@contextmanager
+def stage_bar(description: str, total: int, unit: str = "") -> Iterator[Callable[..., None]]:
+    """Yields `advance(n=1, **fields)`; fields (e.g. loss=0.41) are shown after the bar."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            info = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            progress.update(task, advance=n, **({"info": info} if fields else {}))
+
+        yield advance
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: transformers' per-load progress bars and bitsandbytes' notice about
+    an optional hub kernel (which cannot be fetched offline and is not needed) say nothing a user can act on."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", message=".*gemv_4bit.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def note(text: str) -> None:
+    console.print(text)
+
+
+SUMMARY_COLUMNS = {"loss": "train_loss", "nll": "heldout_nll", "spin": "spin_loss", "margin": "reward_margin",
+                   "acc": "reward_accuracy", "exact": "exact_match"}
+
+
+def summary_table(records: list[dict[str, Any]]) -> Table:
+    """One row per stage: wall time, then the train loss or the evaluation metrics (see README for each)."""
+    table = Table(title="frugal_spin run summary")
+    for header in ["stage", "wall s", *SUMMARY_COLUMNS]:
+        table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
+    for record in records:
+        metrics = record["metrics"]
+        table.add_row(record["stage"], f"{record['wall_time_s']:.1f}",
+                      *[_fmt(metrics.get(key)) for key in SUMMARY_COLUMNS.values()])
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

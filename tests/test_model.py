@@ -1,0 +1,114 @@
+"""The model layer: 4-bit loading on CPU, LoRA gradients, adapter save/load."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from frugal_spin.config import LoraSection, ModelConfig
+from frugal_spin.errors import UserError
+from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
+                               resolve_runtime, save_adapter)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _lora_model(path: Path, fix_trap: bool = True):
+    cfg = ModelConfig(name=str(path), device="cpu")
+    model = load_base_model(str(path), cfg, resolve_runtime(cfg))
+    if not fix_trap:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = True
+    torch.manual_seed(1)  # peft draws lora_A from the global generator: the same seed gives the same adapter
+    model = attach_lora(model, LoraSection(r=8))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter matter so gradients reach every tensor
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _lora_grads(model, eval_forward_first: bool) -> dict[str, torch.Tensor]:
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    if eval_forward_first:  # what generation and opponent scoring do before the player trains
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=x)
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def test_lora_gradients_on_4bit_base_survive_an_eval_forward(tiny_dir):
+    """DESIGN.md's bitsandbytes CPU trap: an eval forward repacks Linear4bit weights on AVX512-BF16 CPUs and later
+    backward passes drop gradients. With the loader's fix the gradients are identical either way."""
+    model = _lora_model(tiny_dir)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    clean = _lora_grads(model, eval_forward_first=False)
+    model.zero_grad()
+    after_eval = _lora_grads(_lora_model(tiny_dir), eval_forward_first=True)
+    assert clean.keys() == after_eval.keys() and len(clean) > 0
+    for name in clean:
+        assert clean[name].abs().sum() > 0, name
+        torch.testing.assert_close(after_eval[name], clean[name], rtol=1e-5, atol=1e-7)
+    if _cpu_has_avx512_bf16():  # the trap is real on this CPU: without the fix the gradients differ
+        broken = _lora_grads(_lora_model(tiny_dir, fix_trap=False), eval_forward_first=True)
+        assert any(not torch.allclose(broken[n], clean[n], rtol=1e-3, atol=1e-6) for n in clean)
+
+
+def test_adapter_round_trip(tiny_dir, tmp_path):
+    model = _lora_model(tiny_dir)
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.zero_()
+    load_adapter_weights(model, tmp_path / "adapter")
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, before[name])
+
+
+def test_adapter_of_another_layout_is_refused(tiny_dir, tmp_path):
+    save_adapter(_lora_model(tiny_dir), tmp_path / "r8")
+    cfg = ModelConfig(name=str(tiny_dir), device="cpu")
+    other = attach_lora(load_base_model(str(tiny_dir), cfg, resolve_runtime(cfg)), LoraSection(r=8, target_modules=["q_proj"]))
+    with pytest.raises(UserError, match="does not match"):
+        load_adapter_weights(other, tmp_path / "r8")
+
+
+def test_model_reference_checks(tmp_path):
+    with pytest.raises(UserError, match="directory not found"):
+        check_model_reference(ModelConfig(name=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="no config.json"):
+        check_model_reference(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(UserError, match="unknown built-in model"):
+        check_model_reference(ModelConfig(name="builtin:huge"))
+    check_model_reference(ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct"))  # a hub id: checked when loaded
+
+
+def test_runtime_on_cpu():
+    runtime = resolve_runtime(ModelConfig(device="auto"))
+    if not torch.cuda.is_available():
+        assert runtime.device.type == "cpu" and runtime.compute_dtype == torch.float32
+        assert runtime.gradient_checkpointing is False and runtime.autocast_dtype is None
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_runtime(ModelConfig(device="cuda"))

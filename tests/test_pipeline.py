@@ -1,0 +1,171 @@
+"""End to end: a small variant of recipes/cpu_tiny.yaml, then checks of the run directory against the contract and
+an independent recomputation of the opponent log-probs from `base/` plus the previous adapter."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from frugal_spin import tiny_base
+from frugal_spin.__main__ import main
+from frugal_spin.io import read_jsonl, read_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_BASE = tiny_base.TinyBaseSpec(pretrain_steps=60)
+OVERRIDES = ["data.fraction=0.05", "data.eval_size=24", "spin.iterations=2", "sft.epochs=1",
+             "generation.max_new_tokens=16", "generation.batch_size=32", "eval.max_new_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGAL_SPIN_CACHE", str(root / "cache"))
+        # The real default pretrains for minutes; the contract does not depend on how long.
+        mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+        assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={root / 'run'}", *OVERRIDES]) == 0
+    return root / "run"
+
+
+def _load_independently(run_dir: Path, adapter: str | None):
+    """base/ + an adapter through the public libraries only (transformers, bitsandbytes, peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        run_dir / "base", device_map="cpu", dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    for module in model.modules():  # fp32 forward on every CPU, as the pipeline runs it
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, run_dir / adapter)
+    return model.eval()
+
+
+@torch.no_grad()
+def _plain_logps(model, prompt_ids, response_ids) -> float:
+    """Full logits -> log_softmax -> gather, one unpadded sequence at a time."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits.float()[0, len(prompt_ids) - 1:-1]
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(response_ids)[:, None]).sum().item()
+
+
+def test_run_directory_contract(run_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (run_dir / "recipe.yaml").is_file()
+    AutoTokenizer.from_pretrained(run_dir / "base")
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base")
+    for adapter in ["sft/adapter", "iter_0/adapter", "iter_1/adapter"]:
+        PeftModel.from_pretrained(base, run_dir / adapter)
+    for t in (0, 1):
+        rows = read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")
+        logps = read_safetensors(run_dir / f"iter_{t}" / "opponent_logps.safetensors")
+        assert len(rows) == 100
+        for key in ("real", "generated"):
+            assert logps[key].dtype == torch.float32 and logps[key].shape == (len(rows),)
+            assert torch.isfinite(logps[key]).all() and (logps[key] < 0).all()
+        for row in rows:
+            assert set(row) >= {"prompt", "real", "generated", "prompt_ids", "real_ids", "generated_ids"}
+            assert isinstance(row["prompt"], str) and isinstance(row["generated"], str)
+            assert row["real_ids"] and row["generated_ids"] and row["prompt_ids"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records]
+    assert stages == ["setup", "sft", "anchor", "sft.eval", "iter_0.generate", "iter_0.score", "iter_0.train",
+                      "iter_0.eval", "iter_1.generate", "iter_1.score", "iter_1.train", "iter_1.eval"]
+    for record in records:
+        assert record["wall_time_s"] >= 0 and isinstance(record["metrics"], dict)
+    evals = {r["stage"]: r["metrics"] for r in records if r["kind"] == "eval"}
+    for metrics in evals.values():
+        assert {"heldout_nll", "spin_loss", "reward_margin", "reward_accuracy", "exact_match"} <= set(metrics)
+        assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["heldout_nll"] > 0
+    # After SFT the fixed opponent of the anchor pairs is the model itself: exactly log 2, margin 0.
+    assert math.isclose(evals["sft.eval"]["spin_loss"], math.log(2), rel_tol=1e-6)
+    assert evals["sft.eval"]["reward_margin"] == 0.0
+
+
+def test_prompt_and_response_ids_are_the_chat_template(run_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "base")
+    row = read_jsonl(run_dir / "iter_0" / "pairs.jsonl")[0]
+    messages = [{"role": "user", "content": row["prompt"]}]
+    assert row["prompt_ids"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                              return_dict=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": row["real"]}],
+                                         return_dict=False)
+    assert row["prompt_ids"] + row["real_ids"] == full
+    assert tokenizer.decode(row["generated_ids"], skip_special_tokens=True) == row["generated"]
+
+
+@pytest.mark.parametrize("t, opponent", [(0, "sft/adapter"), (1, "iter_0/adapter")])
+def test_cached_logps_equal_plain_recomputation_from_base_and_previous_adapter(run_dir, t, opponent):
+    rows = read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")[:12]
+    cache = read_safetensors(run_dir / f"iter_{t}" / "opponent_logps.safetensors")
+    model = _load_independently(run_dir, opponent)
+    for i, row in enumerate(rows):
+        for key in ("real", "generated"):
+            plain = _plain_logps(model, row["prompt_ids"], row[f"{key}_ids"])
+            assert abs(plain - cache[key][i].item()) <= 1e-5 * max(1.0, abs(plain)), (t, i, key)
+
+
+def test_opponent_of_iteration_1_is_base_plus_iteration_0_adapter_not_the_bare_base(run_dir):
+    rows = read_jsonl(run_dir / "iter_1" / "pairs.jsonl")[:8]
+    cache = read_safetensors(run_dir / "iter_1" / "opponent_logps.safetensors")["real"][:8]
+    for wrong in (None, "sft/adapter"):  # the bare base (the official SPIN LoRA path's mistake), a stale adapter
+        model = _load_independently(run_dir, wrong)
+        other = torch.tensor([_plain_logps(model, r["prompt_ids"], r["real_ids"]) for r in rows])
+        assert (other - cache).abs().max() > 1e-3, wrong
+
+
+def test_player_reproduces_cached_opponent_logps_at_start_of_iteration(run_dir):
+    """The player starts from the opponent's adapter: in training mode, batched as in SPIN training (real and
+    generated answers in one padded batch), its log-probs equal the cache and the SPIN loss is log 2."""
+    from frugal_spin.config import load_recipe
+    from frugal_spin.model import attach_lora, load_adapter_weights, load_base_model, load_tokenizer, resolve_runtime
+    from frugal_spin.train import spin_step_fn
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    runtime = resolve_runtime(recipe.model)
+    model = attach_lora(load_base_model(str(run_dir / "base"), recipe.model, runtime), recipe.lora)
+    load_adapter_weights(model, run_dir / "iter_0" / "adapter")
+    rows = read_jsonl(run_dir / "iter_1" / "pairs.jsonl")
+    cache = read_safetensors(run_dir / "iter_1" / "opponent_logps.safetensors")
+    pad_id = load_tokenizer(str(run_dir / "base")).pad_token_id
+    step = spin_step_fn(model, [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows],
+                        [r["generated_ids"] for r in rows], cache["real"], cache["generated"], 0.1, pad_id, 1024,
+                        runtime.device)
+    model.train()
+    out = step(list(range(16)))
+    assert abs(out.loss.item() - math.log(2)) < 1e-6
+    assert abs(out.metrics["reward_margin"]) < 1e-6
+
+
+def test_rerun_skips_finished_stages_and_changed_beta_redoes_only_training(run_dir):
+    markers = {p.name: p.read_text() for p in (run_dir / "stages").glob("*.json")}
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGAL_SPIN_CACHE", str(run_dir.parent / "cache"))
+        mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+        args = [str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={run_dir}", *OVERRIDES]
+        assert main(args) == 0
+        after = {p.name: p.read_text() for p in (run_dir / "stages").glob("*.json")}
+        unchanged = [name for name in markers if name != "setup.json"]
+        assert {n: after[n] for n in unchanged} == {n: markers[n] for n in unchanged}
+        metrics = lambda text: [{k: v for k, v in json.loads(l).items() if k != "wall_time_s"}  # noqa: E731
+                                for l in text.splitlines() if '"setup"' not in l]
+        assert metrics((run_dir / "metrics.jsonl").read_text()) == metrics(metrics_before)
+
+        assert main(args + ["spin.beta=0.2", "spin.iterations=1"]) == 0
+        after = {p.name: p.read_text() for p in (run_dir / "stages").glob("*.json")}
+        for name in ["sft.json", "anchor.json", "iter_0.generate.json", "iter_0.score.json"]:
+            assert after[name] == markers[name], name
+        for name in ["iter_0.train.json", "sft.eval.json"]:
+            assert after[name] != markers[name], name
+        stages = [json.loads(l)["stage"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert stages[-1] == "iter_0.eval" and not any(s.startswith("iter_1") for s in stages)
