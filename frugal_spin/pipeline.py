@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from frugal_spin.generate import generate_answers
 from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safetensors, write_text
 from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
                                load_tokenizer, resolve_base_path, resolve_runtime, save_adapter)
+from frugal_spin.profiler import StageMeter
 from frugal_spin.scoring import score_responses
 from frugal_spin.stages import StageStore, fingerprint
 from frugal_spin.train import sft_step_fn, spin_step_fn, total_optimizer_steps, train_adapter
@@ -63,24 +63,25 @@ class Run:
     # ------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Base (built or taken from the cache), tokenizer, data, 4-bit model with its one adapter."""
         r = self.recipe
-        start = time.perf_counter()
-        base_path = resolve_base_path(r.model, self.run_dir)
-        self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit, asdict(r.lora))
-        self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
-        self.pad_id = self.tokenizer.pad_token_id
-        splits = load_splits(r.data, r.seed)
-        counts = splits.counts
-        self.train = [encode_example(self.tokenizer, e, r.data, counts) for e in splits.train]
-        self.heldout = [encode_example(self.tokenizer, e, r.data, counts) for e in splits.heldout]
-        self.heldout_answers = [e.answer for e in splits.heldout]
-        self.train_examples, self.heldout_examples = splits.train, splits.heldout
-        self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
-        self.model = attach_lora(load_base_model(base_path, r.model, self.runtime), r.lora)
+        with StageMeter(self.runtime.device) as meter:
+            base_path = resolve_base_path(r.model, self.run_dir)
+            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit,
+                                       asdict(r.lora))
+            self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
+            self.pad_id = self.tokenizer.pad_token_id
+            splits = load_splits(r.data, r.seed)
+            self.train = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.train]
+            self.heldout = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.heldout]
+            self.train_examples, self.heldout_examples = splits.train, splits.heldout
+            self.heldout_answers = [e.answer for e in splits.heldout]
+            self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
+            self.model = attach_lora(load_base_model(base_path, r.model, self.runtime), r.lora)
         self.store.complete("setup", self.data_fp, "setup", {
-            "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(counts),
+            "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
             "device": str(self.runtime.device), "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
-            "gradient_checkpointing": self.runtime.gradient_checkpointing}, time.perf_counter() - start)
+            "gradient_checkpointing": self.runtime.gradient_checkpointing, **meter.memory}, meter.wall_s)
 
     # ------------------------------------------------------------ stages
 
@@ -91,16 +92,15 @@ class Run:
         if self.store.completed("sft", fp) and adapter_dir.is_dir():
             ui.note("[dim]sft: complete, skipped[/dim]")
             return fp
-        start = time.perf_counter()
         step = sft_step_fn(self.model, self.train, self.pad_id, self.chunk, self.runtime.device)
         lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in self.train]
-        with ui.stage_bar("sft", total_optimizer_steps(len(self.train), r.sft), "steps") as advance:
+        with StageMeter(self.runtime.device) as meter, \
+                ui.stage_bar("sft", total_optimizer_steps(len(self.train), r.sft), "steps") as advance:
             result = train_adapter(self.model, self.runtime, r.sft, lengths, step, seed=r.seed,
                                    on_step=lambda s, loss: advance(loss=loss))
         save_adapter(self.model, adapter_dir)
-        wall = time.perf_counter() - start
-        self.store.complete("sft", fp, "train", {**result.summary(), "tokens_per_s": result.tokens / wall,
-                                                  "loss_curve": result.losses}, wall)
+        self.store.complete("sft", fp, "train", {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s,
+                                                  **meter.memory, "loss_curve": result.losses}, meter.wall_s)
         return fp
 
     def make_anchor(self, sft_fp: str) -> str:
@@ -110,12 +110,13 @@ class Run:
         pairs_path, logps_path = self.run_dir / "eval" / "anchor_pairs.jsonl", self.run_dir / "eval" / "anchor_logps.safetensors"
         if self.store.completed("anchor", fp) and pairs_path.is_file() and logps_path.is_file():
             return fp
-        start = time.perf_counter()
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
-        rows, logps, _ = self._generate_and_score("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919)
+        rows, logps, (gen, score) = self._generate_and_score("anchor", self.heldout, self.heldout_examples,
+                                                             seed=r.seed + 7919)
         write_jsonl(pairs_path, rows)
         write_safetensors(logps_path, logps)
-        self.store.complete("anchor", fp, "generate", {"pairs": len(rows)}, time.perf_counter() - start)
+        self.store.complete("anchor", fp, "generate", {"pairs": len(rows), **_max_memory(gen, score)},
+                            gen.wall_s + score.wall_s)
         return fp
 
     def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
@@ -123,10 +124,9 @@ class Run:
         fp = fingerprint("eval", adapter_fp, anchor_fp, asdict(r.eval), r.spin.beta)
         if self.store.completed(name, fp):
             return
-        start = time.perf_counter()
         load_adapter_weights(self.model, adapter_dir)
         metrics: dict[str, Any] = {}
-        with ui.stage_bar(name, 3, "parts") as advance:
+        with StageMeter(self.runtime.device) as meter, ui.stage_bar(name, 3, "parts") as advance:
             metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
                                                  batch_size=r.eval.batch_size, chunk_size=self.chunk)
             advance()
@@ -146,7 +146,7 @@ class Run:
                 metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
                                       list(zip(self.heldout_examples, self.heldout_answers, texts))[:5]]
             advance()
-        self.store.complete(name, fp, "eval", metrics, time.perf_counter() - start)
+        self.store.complete(name, fp, "eval", {**metrics, **meter.memory}, meter.wall_s)
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
         r = self.recipe
@@ -167,64 +167,61 @@ class Run:
             return train_fp
         rows = read_jsonl(pairs_path)
         cache = read_safetensors(logps_path)
-        start = time.perf_counter()
         step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], [x["real_ids"] for x in rows],
                             [x["generated_ids"] for x in rows], cache["real"], cache["generated"], r.spin.beta,
                             self.pad_id, self.chunk, self.runtime.device)
         lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
-        with ui.stage_bar(f"iter_{t} train", total_optimizer_steps(len(rows), r.spin), "steps") as advance:
+        with StageMeter(self.runtime.device) as meter, \
+                ui.stage_bar(f"iter_{t} train", total_optimizer_steps(len(rows), r.spin), "steps") as advance:
             result = train_adapter(self.model, self.runtime, r.spin, lengths, step, seed=r.seed + 1000 * (t + 1),
                                    on_step=lambda s, loss: advance(loss=loss))
         save_adapter(self.model, adapter_dir)
-        wall = time.perf_counter() - start
         self.store.complete(f"iter_{t}.train", train_fp, "train",
-                            {**result.summary(), "tokens_per_s": result.tokens / wall, "loss_curve": result.losses,
-                             "margin_curve": result.metrics.get("reward_margin", [])}, wall)
+                            {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
+                             "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
+                            meter.wall_s)
         return train_fp
 
     def _generate_iteration(self, t: int, pairs_path: Path, logps_path: Path, gen_fp: str, score_fp: str) -> None:
-        rows, logps, (generate_s, score_s) = self._generate_and_score(
+        rows, logps, (gen, score) = self._generate_and_score(
             f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1))
         write_jsonl(pairs_path, rows)
         gen_tokens = sum(len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {
-            "answers": len(rows), "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / generate_s,
+            "answers": len(rows), "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
             "mean_answer_tokens": gen_tokens / max(1, len(rows)),
             "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
-        }, generate_s)
+            **gen.memory}, gen.wall_s)
         write_safetensors(logps_path, logps)
         scored_tokens = sum(len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.score", score_fp, "score", {
-            "sequences": 2 * len(rows), "tokens_per_s": scored_tokens / score_s,
+            "sequences": 2 * len(rows), "tokens_per_s": scored_tokens / score.wall_s,
             "opponent_real_logp_mean": logps["real"].mean().item(),
-            "opponent_generated_logp_mean": logps["generated"].mean().item(),
-        }, score_s)
+            "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s)
 
     def _generate_and_score(self, label: str, encoded: list[Encoded], examples: list, seed: int):
         """Sample one answer per prompt with the loaded adapter, then score the real and generated answers.
-        Returns the pairs.jsonl rows, the log-prob tensors and (generate seconds, score seconds)."""
+        Returns the pairs.jsonl rows, the log-prob tensors and the two parts' meters (time, peak memory)."""
         g = self.recipe.generation
         encoded = [(e.prompt_ids, e.answer_ids) for e in encoded]
-        start = time.perf_counter()
-        with ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
+        with StageMeter(self.runtime.device) as gen, \
+                ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
             generated = generate_answers(self.model, self.tokenizer, [p for p, _ in encoded],
                                          max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                          temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
                                          on_batch=advance)
-        generate_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with ui.stage_bar(f"{label} score", 2 * len(encoded), "sequences") as advance:
+        with StageMeter(self.runtime.device) as score, \
+                ui.stage_bar(f"{label} score", 2 * len(encoded), "sequences") as advance:
             real_logps = score_responses(self.model, encoded, pad_id=self.pad_id, batch_size=g.batch_size,
                                          chunk_size=self.chunk, on_batch=advance)
             gen_logps = score_responses(self.model, [(p, y) for (p, _), y in zip(encoded, generated)],
                                         pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
                                         on_batch=advance)
-        score_s = time.perf_counter() - start
         rows = [{"prompt": ex.prompt, "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(p), "real_ids": list(y), "generated_ids": gen_ids}
                 for ex, (p, y), gen_ids in zip(examples, encoded, generated)]
-        return rows, {"real": real_logps, "generated": gen_logps}, (generate_s, score_s)
+        return rows, {"real": real_logps, "generated": gen_logps}, (gen, score)
 
     # ------------------------------------------------------------ the whole method
 
@@ -245,6 +242,10 @@ class Run:
         ui.console.print(ui.summary_table(records))
         ui.note(f"run directory: {self.run_dir}")
         return records
+
+
+def _max_memory(*meters: StageMeter) -> dict[str, float]:
+    return {k: max(m.memory[k] for m in meters) for k in meters[0].memory}
 
 
 def _base_identity(path: Path) -> str:
