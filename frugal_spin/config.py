@@ -147,6 +147,15 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    trace: Literal["off", "sft", "spin"] = "off"
+    trace_steps: int = 3
+
+    def validate(self) -> None:
+        _positive("profile.trace_steps", self.trace_steps)
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/cpu_tiny"
     seed: int = 0
@@ -157,6 +166,7 @@ class Recipe:
     spin: SpinConfig = field(default_factory=SpinConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         if not self.output_dir.strip():
@@ -168,6 +178,7 @@ class Recipe:
         self.spin.validate("spin")
         self.generation.validate()
         self.eval.validate()
+        self.profile.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,7 +97,7 @@ class Run:
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar("sft", total_optimizer_steps(len(self.train), r.sft), "steps") as advance:
             result = train_adapter(self.model, self.runtime, r.sft, lengths, step, seed=r.seed,
-                                   on_step=lambda s, loss: advance(loss=loss))
+                                   on_step=lambda s, loss: advance(loss=loss), **self._trace("sft", "sft"))
         save_adapter(self.model, adapter_dir)
         self.store.complete("sft", fp, "train", {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s,
                                                   **meter.memory, "loss_curve": result.losses}, meter.wall_s)
@@ -174,7 +174,7 @@ class Run:
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar(f"iter_{t} train", total_optimizer_steps(len(rows), r.spin), "steps") as advance:
             result = train_adapter(self.model, self.runtime, r.spin, lengths, step, seed=r.seed + 1000 * (t + 1),
-                                   on_step=lambda s, loss: advance(loss=loss))
+                                   on_step=lambda s, loss: advance(loss=loss), **self._trace("spin", f"iter_{t}"))
         save_adapter(self.model, adapter_dir)
         self.store.complete(f"iter_{t}.train", train_fp, "train",
                             {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
@@ -182,20 +182,25 @@ class Run:
                             meter.wall_s)
         return train_fp
 
+    def _trace(self, kind: str, stage: str) -> dict[str, Any]:
+        if self.recipe.profile.trace != kind:
+            return {}
+        return {"trace_dir": self.run_dir / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
+
     def _generate_iteration(self, t: int, pairs_path: Path, logps_path: Path, gen_fp: str, score_fp: str) -> None:
         rows, logps, (gen, score) = self._generate_and_score(
             f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1))
         write_jsonl(pairs_path, rows)
         gen_tokens = sum(len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {
-            "answers": len(rows), "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
+            "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
             "mean_answer_tokens": gen_tokens / max(1, len(rows)),
             "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
             **gen.memory}, gen.wall_s)
         write_safetensors(logps_path, logps)
-        scored_tokens = sum(len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+        scored_tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.score", score_fp, "score", {
-            "sequences": 2 * len(rows), "tokens_per_s": scored_tokens / score.wall_s,
+            "sequences": 2 * len(rows), "tokens": scored_tokens, "tokens_per_s": scored_tokens / score.wall_s,
             "opponent_real_logp_mean": logps["real"].mean().item(),
             "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s)
 

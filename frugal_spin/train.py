@@ -12,8 +12,8 @@ weights stay fp32 (peft's default), so the scaler can unscale their gradients.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -39,7 +39,7 @@ StepFn = Callable[[list[int]], StepOutput]
 class TrainResult:
     optimizer_steps: int = 0
     skipped_micro_batches: int = 0  # non-finite losses, not applied
-    tokens: int = 0
+    tokens: int = 0  # non-padding tokens forwarded (prompt and response)
     losses: list[float] = field(default_factory=list)  # mean loss per optimizer step
     metrics: dict[str, list[float]] = field(default_factory=dict)  # mean of each step metric per optimizer step
 
@@ -47,7 +47,7 @@ class TrainResult:
         """Means over the last `last` optimizer steps: what the adapter ended the stage at."""
         tail = lambda xs: sum(xs[-last:]) / max(1, len(xs[-last:]))  # noqa: E731
         out = {"train_loss": tail(self.losses), "optimizer_steps": self.optimizer_steps,
-               "skipped_micro_batches": self.skipped_micro_batches, "train_tokens": self.tokens}
+               "skipped_micro_batches": self.skipped_micro_batches, "tokens": self.tokens}
         out.update({f"train_{k}": tail(v) for k, v in self.metrics.items()})
         return out
 
@@ -79,8 +79,13 @@ def train_adapter(
     *,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    trace_dir: Path | None = None,
+    trace_steps: int = 3,
 ) -> TrainResult:
-    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_step, loss)` reports progress."""
+    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_step, loss)` reports progress.
+
+    With `trace_dir`, a torch.profiler trace of `trace_steps` optimizer steps (after one skipped and one warm-up
+    step) is written there in the TensorBoard plugin's format, a Chrome-trace JSON that Perfetto also opens."""
     from transformers import get_scheduler
 
     micro_batches = plan_micro_batches(lengths, cfg, seed)
@@ -95,6 +100,7 @@ def train_adapter(
     torch.manual_seed(seed)
     window_losses: list[float] = []
     window_metrics: dict[str, list[float]] = {}
+    tracer = _tracer(trace_dir, trace_steps, runtime)
     for index, batch in enumerate(micro_batches):
         with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                             enabled=runtime.autocast_dtype is not None):
@@ -128,8 +134,25 @@ def train_adapter(
             if on_step is not None:
                 on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
             window_losses, window_metrics = [], {}
+            if tracer is not None:
+                tracer.step()
+    if tracer is not None:
+        tracer.stop()
     model.eval()
     return result
+
+
+def _tracer(trace_dir: Path | None, steps: int, runtime: Runtime):
+    if trace_dir is None:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    tracer = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                     on_trace_ready=tensorboard_trace_handler(str(trace_dir)), record_shapes=True,
+                     profile_memory=True, with_stack=False)
+    tracer.start()
+    return tracer
 
 
 def total_optimizer_steps(n_items: int, cfg: TrainConfig) -> int:
@@ -186,7 +209,3 @@ def spin_step_fn(
         return StepOutput(out.loss, int(seqs.attention_mask.sum()), metrics)
 
     return step
-
-
-def elapsed(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
