@@ -1,7 +1,10 @@
-"""Command line: `python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]`.
+"""Command line.
 
-Runs the whole method of the recipe (see pipeline.py). A user mistake (recipe, override, path, dataset) prints one
-line, `error: ...`, and exits with status 2; nothing else of the run is touched.
+    python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]   run the whole method
+    python -m frugal_spin report RUN_DIR                                                 re-render report.md/json/PNGs
+
+A user mistake (recipe, override, path, dataset) prints one line, `error: ...`, and exits with status 2; nothing
+else of the run is touched.
 """
 
 from __future__ import annotations
@@ -43,28 +46,51 @@ def dry_run(recipe) -> None:
     print(f"# output directory: {recipe.output_dir}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def report_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m frugal_spin report",
+                                     description="Re-render report.md, report.json and the charts of a run.")
+    parser.add_argument("run_dir", help="a run directory (the recipe's output_dir)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from frugal_spin.report import render_report
+
+    render_report(Path(args.run_dir))
+    print(Path(args.run_dir) / "report.md")
+    return 0
+
+
+def run_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from frugal_spin.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+    from frugal_spin.ui import quiet_libraries
+
+    quiet_libraries()
+    from frugal_spin.pipeline import run_recipe
+
+    run_recipe(recipe, restart=args.restart)
+    return 0
+
+
+SUBCOMMANDS = {"report": report_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = SUBCOMMANDS.get(argv[0]) if argv else None
     try:
-        from frugal_spin.config import load_recipe
-
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.dry_run:
-            dry_run(recipe)
-            return 0
-        from frugal_spin.ui import quiet_libraries
-
-        quiet_libraries()
-        from frugal_spin.pipeline import run_recipe
-
-        run_recipe(recipe, restart=args.restart)
+        return command(argv[1:]) if command else run_main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

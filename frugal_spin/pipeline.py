@@ -26,6 +26,7 @@ from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safe
 from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
                                load_tokenizer, resolve_base_path, resolve_runtime, save_adapter)
 from frugal_spin.profiler import StageMeter
+from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
 from frugal_spin.stages import StageStore, fingerprint
 from frugal_spin.train import sft_step_fn, spin_step_fn, total_optimizer_steps, train_adapter
@@ -245,7 +246,8 @@ class Run:
             self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
         records = self.store.records()
         ui.console.print(ui.summary_table(records))
-        ui.note(f"run directory: {self.run_dir}")
+        render_report(self.run_dir)
+        ui.note(f"run directory: {self.run_dir}  (per-phase cost and charts: {self.run_dir / 'report.md'})")
         return records
 
 
