@@ -2,6 +2,7 @@
 
     python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]   run the whole method
     python -m frugal_spin report RUN_DIR                                                 re-render report.md/json/PNGs
+    python -m frugal_spin plan RECIPE.yaml [overrides] [--gpu t4|l4|a10|a100-40|a100-80|h100]  estimate peak memory
 
 A user mistake (recipe, override, path, dataset) prints one line, `error: ...`, and exits with status 2; nothing
 else of the run is touched.
@@ -77,7 +78,13 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"report": report_main}
+def plan_main(argv: list[str]) -> int:
+    from frugal_spin.planner import plan_main as planner_main
+
+    return planner_main(argv)
+
+
+SUBCOMMANDS = {"report": report_main, "plan": plan_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 minus_p = logits.div_(row_sum).neg_()
                 minus_p.scatter_add_(1, targets[start:end, None], torch.ones_like(minus_p[:, :1]))
                 unit_grad[start:end] = _times_weight(minus_p, weight)
+                del minus_p  # an alias of the chunk buffer: it too must go, or two buffers coexist
             del logits  # free the chunk before the next one is allocated
         if eager:
             ctx.save_for_backward(unit_grad)

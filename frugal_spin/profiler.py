@@ -56,3 +56,28 @@ class StageMeter:
             self._peak = max(self._peak, self._process.memory_info().rss)
             self.memory = {"peak_rss_gib": round(self._peak / GIB, 4)}
         self.wall_s = time.perf_counter() - self._start
+
+
+def peak_live_tensor_bytes(fn) -> int:
+    """Peak bytes of CPU tensors allocated during `fn()` and alive at the same time, from torch.profiler's
+    allocator events: what CUDA's `max_memory_allocated` would count for the same work on a GPU, measured on a CPU.
+    Used by the planner check and by memory regression tests (deterministic, unlike RSS)."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    return max([0] + totals)

@@ -438,3 +438,20 @@ def test_four_bit_base_with_lora(tmp_path):
     got_grads = torch.autograd.grad(got.sum(), params)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     _assert_grads_close(got_grads, ref_grads)
+
+
+def test_peak_live_memory_holds_one_chunk_of_logits():
+    """Not just the largest single allocation: the bytes alive at once. Two [chunk, V] buffers alive together
+    (an alias kept across chunks) once doubled the head's transient memory."""
+    from frugal_spin.profiler import peak_live_tensor_bytes
+
+    chunk, v, h, n = 64, 20_000, 32, 64 * 4 + 5
+    hidden, weight, bias, targets, upstream = _head_inputs(n, v, h, weight_grad=False)
+
+    def forward_backward():
+        out = chunked_token_logprobs(hidden, weight, targets, None, chunk_size=chunk)
+        torch.autograd.grad(out, [hidden], upstream)
+
+    one_buffer = chunk * v * 4
+    peak = peak_live_tensor_bytes(forward_backward)
+    assert one_buffer <= peak < 1.5 * one_buffer, (peak, one_buffer)
