@@ -10,6 +10,7 @@ YAML. The defaults are the built-in CPU recipe's values; a recipe file only stat
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,6 +185,20 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string because it wants a dot in floats; recipes and overrides are
+    written by people who expect `learning_rate: 1e-4` to be a number, as in YAML 1.2 and Python."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects, nothing executed
+
+
 def _positive(key: str, value: int | float) -> None:
     if value <= 0:
         raise UserError(f"{key} must be > 0, got {value}")
@@ -258,7 +273,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise UserError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise UserError(f"override {text!r}: value is not valid YAML ({_first_line(exc)})") from None
     return path, value
@@ -305,7 +320,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {_first_line(exc)}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from None
     if data is None:

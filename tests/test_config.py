@@ -20,6 +20,14 @@ def test_recipes_directory_is_not_empty():
     assert (REPO / "recipes" / "cpu_tiny.yaml").is_file()
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    (tmp_path / "r.yaml").write_text("sft:\n  learning_rate: 2e-4\nspin:\n  learning_rate: 5E-5\n")
+    recipe = load_recipe(tmp_path / "r.yaml", ["spin.beta=1e-1"])
+    assert (recipe.sft.learning_rate, recipe.spin.learning_rate, recipe.spin.beta) == (2e-4, 5e-5, 0.1)
+    with pytest.raises(UserError, match="spin.iterations must be int"):
+        recipe_from_dict({}, ["spin.iterations=1e3"])
+
+
 def test_defaults_and_typed_overrides():
     recipe = recipe_from_dict({"output_dir": "x"}, ["spin.iterations=3", "spin.beta=0.5", "data.fraction=1",
                                                     "lora.target_modules=[q_proj, v_proj]", "model.load_in_4bit=false"])
