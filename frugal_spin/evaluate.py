@@ -44,10 +44,11 @@ def anchor_spin_metrics(model, prompts, real, generated, opponent_real: torch.Te
 
 def exact_match(model, tokenizer, examples: Sequence[Encoded], answers: Sequence[str],
                 is_correct: Callable[[str, str], bool], *, max_new_tokens: int, batch_size: int
-                ) -> tuple[float, list[str]]:
-    """Greedy answers to the held-out prompts, decoded without special tokens and checked against the real ones."""
+                ) -> tuple[float, list[str], int]:
+    """Greedy answers to the held-out prompts, decoded without special tokens and checked against the real ones.
+    Returns (accuracy, the answers, how many tokens were generated)."""
     generated = generate_answers(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, temperature=0.0)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     correct = sum(is_correct(text, answer) for text, answer in zip(texts, answers))
-    return correct / max(1, len(examples)), texts
+    return correct / max(1, len(examples)), texts, sum(len(ids) for ids in generated)

@@ -116,8 +116,10 @@ class Run:
                                                              seed=r.seed + 7919)
         write_jsonl(pairs_path, rows)
         write_safetensors(logps_path, logps)
-        self.store.complete("anchor", fp, "generate", {"pairs": len(rows), **_max_memory(gen, score)},
-                            gen.wall_s + score.wall_s)
+        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
+        self.store.complete("anchor", fp, "generate", {  # tokens: generated, then scored with both answers
+            "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
+            **_max_memory(gen, score)}, gen.wall_s + score.wall_s)
         return fp
 
     def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
@@ -130,8 +132,10 @@ class Run:
         with StageMeter(self.runtime.device) as meter, ui.stage_bar(name, 3, "parts") as advance:
             metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
                                                  batch_size=r.eval.batch_size, chunk_size=self.chunk)
+            tokens = sum(len(e.prompt_ids) + len(e.answer_ids) for e in self.heldout)
             advance()
             anchor = read_jsonl(self.run_dir / "eval" / "anchor_pairs.jsonl")
+            tokens += sum(2 * len(a["prompt_ids"]) + len(a["real_ids"]) + len(a["generated_ids"]) for a in anchor)
             anchor_logps = read_safetensors(self.run_dir / "eval" / "anchor_logps.safetensors")
             metrics.update(anchor_spin_metrics(
                 self.model, [a["prompt_ids"] for a in anchor], [a["real_ids"] for a in anchor],
@@ -141,13 +145,15 @@ class Run:
             if r.data.dataset == BUILTIN_DATASET:
                 from frugal_spin.tasks.arithmetic import is_correct
 
-                metrics["exact_match"], texts = exact_match(
+                metrics["exact_match"], texts, generated_tokens = exact_match(
                     self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
                     max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
                 metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
                                       list(zip(self.heldout_examples, self.heldout_answers, texts))[:5]]
+                tokens += generated_tokens
             advance()
-        self.store.complete(name, fp, "eval", {**metrics, **meter.memory}, meter.wall_s)
+        self.store.complete(name, fp, "eval", {**metrics, "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
+                                               **meter.memory}, meter.wall_s)
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
         r = self.recipe

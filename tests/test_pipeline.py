@@ -80,6 +80,8 @@ def test_run_directory_contract(run_dir):
                       "iter_0.eval", "iter_1.generate", "iter_1.score", "iter_1.train", "iter_1.eval"]
     for record in records:
         assert record["wall_time_s"] >= 0 and isinstance(record["metrics"], dict)
+        if record["kind"] != "setup":  # every working stage reports its throughput
+            assert record["metrics"]["tokens"] > 0 and record["metrics"]["tokens_per_s"] > 0, record["stage"]
     evals = {r["stage"]: r["metrics"] for r in records if r["kind"] == "eval"}
     for metrics in evals.values():
         assert {"heldout_nll", "spin_loss", "reward_margin", "reward_accuracy", "exact_match"} <= set(metrics)
