@@ -51,7 +51,8 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         dtype = torch.float32
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
-    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
+    checkpointing = cfg.gradient_checkpointing == "on" or (
+        cfg.gradient_checkpointing == "auto" and device.type == "cuda")
     return Runtime(device, dtype, checkpointing)
 
 

@@ -39,7 +39,8 @@ def prepare_run_dir(recipe: Recipe, restart: bool) -> Path:
         raise UserError(f"output_dir {run_dir} exists and is not a directory")
     if restart and run_dir.is_dir() and any(run_dir.iterdir()):
         if not (run_dir / "recipe.yaml").is_file():
-            raise UserError(f"--restart: {run_dir} is not a frugal_spin run directory (no recipe.yaml); not deleting it")
+            raise UserError(f"--restart: {run_dir} is not a frugal_spin run directory (no recipe.yaml); "
+                            "not deleting it")
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ class Run:
         """Held-out prompts answered by the SFT model and scored by it: the fixed opponent of every evaluation."""
         r = self.recipe
         fp = fingerprint("anchor", sft_fp, asdict(r.generation))
-        pairs_path, logps_path = self.run_dir / "eval" / "anchor_pairs.jsonl", self.run_dir / "eval" / "anchor_logps.safetensors"
+        pairs_path = self.run_dir / "eval" / "anchor_pairs.jsonl"
+        logps_path = self.run_dir / "eval" / "anchor_logps.safetensors"
         if self.store.completed("anchor", fp) and pairs_path.is_file() and logps_path.is_file():
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")

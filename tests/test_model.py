@@ -90,7 +90,8 @@ def test_adapter_round_trip(tiny_dir, tmp_path):
 def test_adapter_of_another_layout_is_refused(tiny_dir, tmp_path):
     save_adapter(_lora_model(tiny_dir), tmp_path / "r8")
     cfg = ModelConfig(name=str(tiny_dir), device="cpu")
-    other = attach_lora(load_base_model(str(tiny_dir), cfg, resolve_runtime(cfg)), LoraSection(r=8, target_modules=["q_proj"]))
+    other = attach_lora(load_base_model(str(tiny_dir), cfg, resolve_runtime(cfg)),
+                        LoraSection(r=8, target_modules=["q_proj"]))
     with pytest.raises(UserError, match="does not match"):
         load_adapter_weights(other, tmp_path / "r8")
 
