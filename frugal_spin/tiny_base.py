@@ -192,20 +192,14 @@ def pretrain(model, tokenizer, spec: TinyBaseSpec, progress: bool) -> float:
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, batch_size: int = 100) -> list[str]:
-    """The model's greedy answer to each row's prompt (prompts left-padded in batches)."""
-    model.eval()
-    answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
-                                                 add_generation_prompt=True, return_dict=False) for r in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return answers
+    """The model's greedy answer to each row's prompt, through the pipeline's own prompt encoding and generation."""
+    from frugal_spin.data import encode_prompt
+    from frugal_spin.generate import generate_answers
+
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               temperature=0.0)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
 
 
 def exact_match_report(answers: list[str], rows: list[dict]) -> dict:
