@@ -92,9 +92,10 @@ def example_from_row(row: dict[str, Any], counts: Counter) -> Example | None:
 def _examples(rows: Iterable[dict[str, Any]], counts: Counter) -> list[Example]:
     out = []
     for row in rows:
-        example = example_from_row(row, counts) if isinstance(row, dict) else None
-        if example is None and not isinstance(row, dict):
+        if not isinstance(row, dict):
             counts["skipped_malformed"] += 1
+            continue
+        example = example_from_row(row, counts)
         if example is not None:
             out.append(example)
     return out

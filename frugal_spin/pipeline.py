@@ -271,8 +271,10 @@ def _base_identity(path: Path) -> str:
 
 
 def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
+    # Every check that can fail on a user mistake runs before the run directory is touched.
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
+    resolve_runtime(recipe.model)
     run_dir = prepare_run_dir(recipe, restart)
     Run(recipe, run_dir).execute()
     return run_dir

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from frugal_spin.config import Recipe, load_recipe, recipe_from_dict
 from frugal_spin.errors import UserError
@@ -90,17 +91,20 @@ def _cli(*args, cwd):
     ("data:\n  dataset: ./nowhere.jsonl\n", [], "data.dataset: file not found"),
     ("model:\n  name: ./no_such_model_dir\n", [], "model.name: directory not found"),
     ("output_dir: FILE\n", [], "is not a directory"),
+    pytest.param("output_dir: RUN\n", ["model.device=cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="only a machine without CUDA errs")),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, content, overrides, message):
     (tmp_path / "FILE").write_text("I am a file")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(content.replace("FILE", str(tmp_path / "FILE")))
+    recipe.write_text(content.replace("FILE", str(tmp_path / "FILE")).replace("RUN", str(tmp_path / "run")))
     result = _cli(str(recipe), *overrides, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "FILE").read_text() == "I am a file"
+    assert not (tmp_path / "run").exists()  # nothing written before the mistake was found
 
 
 def test_cli_dry_run_prints_plan_without_loading(tmp_path):
