@@ -352,12 +352,7 @@ def test_sequence_logprobs_through_lora(checkpointing):
     params = [p for _, p in _trainable(model)]
     assert params and all("lora_" in n for n, _ in _trainable(model))
 
-    ref = _plain_sequence_logprobs(model, *batch)
-    ref_grads = torch.autograd.grad(ref.sum(), params)
-    got = sequence_logprobs(model, *batch, chunk_size=5)
-    got_grads = torch.autograd.grad(got.sum(), params)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    _assert_grads_close(got_grads, ref_grads)
+    got = _assert_parity_with_plain(model, batch, params, chunk_size=5)
     with torch.no_grad(), model.disable_adapter():
         without_lora = sequence_logprobs(model, *batch)
     assert (without_lora - got).abs().max() > 1e-2  # the adapter changes the numbers, so it was applied
@@ -432,12 +427,7 @@ def test_four_bit_base_with_lora(tmp_path):
     batch = _right_padded_batch()
     params = [p for _, p in _trainable(model)]
 
-    ref = _plain_sequence_logprobs(model, *batch)
-    ref_grads = torch.autograd.grad(ref.sum(), params)
-    got = sequence_logprobs(model, *batch, chunk_size=6)
-    got_grads = torch.autograd.grad(got.sum(), params)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    _assert_grads_close(got_grads, ref_grads)
+    _assert_parity_with_plain(model, batch, params, chunk_size=6)
 
 
 def test_peak_live_memory_holds_one_chunk_of_logits():
@@ -455,3 +445,14 @@ def test_peak_live_memory_holds_one_chunk_of_logits():
     one_buffer = chunk * v * 4
     peak = peak_live_tensor_bytes(forward_backward)
     assert one_buffer <= peak < 1.5 * one_buffer, (peak, one_buffer)
+
+
+def _assert_parity_with_plain(model, batch, params, chunk_size):
+    """sequence_logprobs and its gradients on `params` equal the plain full-logits path; returns its values."""
+    ref = _plain_sequence_logprobs(model, *batch)
+    ref_grads = torch.autograd.grad(ref.sum(), params)
+    got = sequence_logprobs(model, *batch, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(got.sum(), params)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    _assert_grads_close(got_grads, ref_grads)
+    return got
