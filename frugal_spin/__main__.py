@@ -33,18 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run(recipe) -> None:
     from frugal_spin.config import dump_recipe
     from frugal_spin.data import check_dataset_reference
-    from frugal_spin.model import check_model_reference
+    from frugal_spin.model import check_model_reference, resolve_backend
 
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
+    here = "cuda" if torch_cuda_visible() else "cpu"
+    device = here if recipe.model.device == "auto" else recipe.model.device
     stages = ["setup", "sft", "anchor", "sft.eval"]
     for t in range(recipe.spin.iterations):
         stages += [f"iter_{t}.generate", f"iter_{t}.score", f"iter_{t}.train", f"iter_{t}.eval"]
     print(dump_recipe(recipe), end="")
     print(f"# model: {recipe.model.name} (4-bit: {recipe.model.load_in_4bit}, device: {recipe.model.device})")
+    if device == "cuda" and here == "cpu":
+        print(f"# backend: {recipe.model.backend} (no CUDA GPU on this machine; the run needs one)")
+    else:
+        import torch
+
+        print(f"# backend on this machine: {resolve_backend(recipe.model, torch.device(device))} ({device})")
     print(f"# data: {recipe.data.dataset} (fraction {recipe.data.fraction}, held-out {recipe.data.eval_size})")
     print(f"# stages: {' | '.join(stages)}")
     print(f"# output directory: {recipe.output_dir}")
+
+
+def torch_cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def report_main(argv: list[str]) -> int:

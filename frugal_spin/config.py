@@ -28,7 +28,7 @@ BUILTIN_DATASET = "builtin:arithmetic"
 @dataclass
 class ModelConfig:
     name: str = BUILTIN_MODEL
-    backend: Literal["auto", "transformers"] = "auto"
+    backend: Literal["auto", "unsloth", "transformers"] = "auto"
     load_in_4bit: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -67,6 +67,7 @@ class DataConfig:
     eval_size: int = 200
     max_prompt_tokens: int = 256
     max_answer_tokens: int = 256
+    multi_turn: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.fraction <= 1.0:

@@ -1,16 +1,18 @@
 """Data: load prompt/answer pairs, format them with the tokenizer's chat template, tokenise, batch.
 
-Inputs: `data.dataset` is the built-in task (`builtin:arithmetic`), a local `.jsonl`/`.json`/`.parquet` file, or a
-hub dataset id; rows are chat data in the ultrachat_200k schema (`messages`: a list of `{role, content}`).
+Inputs: `data.dataset` is the built-in task (`builtin:arithmetic`), a local `.jsonl`/`.json`/`.parquet` file, a hub
+dataset id, or a local directory holding a downloaded hub dataset (its `data.split`/`data.eval_split` are used); rows are chat data in the ultrachat_200k schema (`messages`: a list of `{role, content}`).
 Outputs: `Example`s (prompt text, real answer text) and `Encoded` token ids, and padded tensor batches.
 
-As in SPIN, the prompt is the first user turn and the real answer the first assistant turn. One chat format is
+As in SPIN, the prompt is the first user turn and the real answer the first assistant turn; with `data.multi_turn`
+the real answer is the last assistant turn and every turn before its user turn is kept as context. One chat format is
 used everywhere: the prompt ids come from `apply_chat_template(..., add_generation_prompt=True)` and are the exact
 ids generation starts from and scoring conditions on, so training, generation and scoring can never disagree.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +31,11 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 class Example:
     prompt: str
     answer: str
+    # Earlier turns ({role, content} dicts) that precede `prompt` in the conversation; empty in SPIN's setting.
+    context: list[dict[str, str]] = field(default_factory=list)
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return [*self.context, {"role": "user", "content": self.prompt}]
 
 
 @dataclass
@@ -58,44 +65,53 @@ def check_dataset_reference(cfg: DataConfig) -> None:
             raise UserError(f"data.dataset: unknown built-in task {cfg.dataset!r} (available: {BUILTIN_DATASET})")
     elif is_local_path(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
+        if path.is_dir():  # a downloaded copy of a hub dataset: its splits are read as from the hub
+            return
         if not path.is_file():
-            raise UserError(f"data.dataset: file not found: {path}")
+            raise UserError(f"data.dataset: file or directory not found: {path}")
         if path.suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"data.dataset: {path} must be .jsonl, .json or .parquet")
+            raise UserError(f"data.dataset: {path} must be .jsonl, .json or .parquet (or a dataset directory)")
 
 
-def example_from_row(row: dict[str, Any], counts: Counter) -> Example | None:
-    """First user turn -> prompt, first assistant turn -> answer; None (counted) for a row that has neither."""
+def example_from_row(row: dict[str, Any], counts: Counter, multi_turn: bool = False) -> Example | None:
+    """One conversation -> one Example, or None (counted) for a row without a usable user/assistant exchange.
+
+    Single turn (SPIN): the first user turn and the first assistant turn after it; everything else is ignored.
+    Multi turn: the last assistant turn that answers a user turn; the turns before that user turn are context.
+    """
     messages = row.get("messages")
-    if not isinstance(messages, list):
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
         counts["skipped_malformed"] += 1
         return None
-    prompt = answer = None
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role == "user" and prompt is None:
-            prompt = content
-        elif role == "assistant" and prompt is not None:
-            answer = content
-            break
-    if not isinstance(prompt, str) or not prompt.strip():
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    user_at = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
+    if user_at is None or not turns[user_at]["content"].strip():
         counts["skipped_no_prompt"] += 1
         return None
-    if not isinstance(answer, str) or not answer.strip():
+    if multi_turn:
+        answer_at = next((i for i in range(len(turns) - 1, 0, -1)
+                          if turns[i]["role"] == "assistant" and turns[i - 1]["role"] == "user"
+                          and turns[i]["content"].strip() and turns[i - 1]["content"].strip()), None)
+        if answer_at is None:
+            counts["skipped_no_answer"] += 1
+            return None
+        return Example(turns[answer_at - 1]["content"], turns[answer_at]["content"], turns[: answer_at - 1])
+    answer_at = next((i for i in range(user_at + 1, len(turns)) if turns[i]["role"] == "assistant"), None)
+    if answer_at is None or not turns[answer_at]["content"].strip():
         counts["skipped_no_answer"] += 1
         return None
-    return Example(prompt, answer)
+    return Example(turns[user_at]["content"], turns[answer_at]["content"])
 
 
-def _examples(rows: Iterable[dict[str, Any]], counts: Counter) -> list[Example]:
+def _examples(rows: Iterable[dict[str, Any]], counts: Counter, multi_turn: bool) -> list[Example]:
     out = []
     for row in rows:
         if not isinstance(row, dict):
             counts["skipped_malformed"] += 1
             continue
-        example = example_from_row(row, counts)
+        example = example_from_row(row, counts, multi_turn)
         if example is not None:
             out.append(example)
     return out
@@ -116,17 +132,18 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
 
         splits = arithmetic.build_splits(seed=seed, n_heldout=cfg.eval_size)
         train_rows, heldout_rows = splits["train"], splits["heldout"]
-    elif is_local_path(cfg.dataset):
-        rows = _load_local(Path(cfg.dataset).expanduser())
+    elif is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
+        rows = _load_local(Path(cfg.dataset).expanduser(), counts)
         # A single local file has no test split: hold out a seeded sample so evaluation never sees training rows.
         shuffled = _sample(rows, len(rows), seed)
         heldout_rows, train_rows = shuffled[: cfg.eval_size], shuffled[cfg.eval_size:]
-    else:
-        train_rows = _load_hub(cfg.dataset, cfg.split)
-        heldout_rows = _sample(_load_hub(cfg.dataset, cfg.eval_split), cfg.eval_size, seed)
+    else:  # a hub id, or a local directory laid out like a hub dataset (e.g. data/train_sft-*.parquet)
+        name = str(Path(cfg.dataset).expanduser()) if is_local_path(cfg.dataset) else cfg.dataset
+        train_rows = _load_hub(name, cfg.split)
+        heldout_rows = _sample(_load_hub(name, cfg.eval_split), cfg.eval_size, seed)
     train_rows = _sample(train_rows, max(1, round(cfg.fraction * len(train_rows))), seed)
-    train = _examples(train_rows, counts)
-    heldout = _examples(heldout_rows, counts)
+    train = _examples(train_rows, counts, cfg.multi_turn)
+    heldout = _examples(heldout_rows, counts, cfg.multi_turn)
     if not train:
         raise UserError(f"data.dataset {cfg.dataset}: no usable training rows after filtering ({dict(counts)})")
     if not heldout:
@@ -134,7 +151,32 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     return DataSplits(train, heldout, counts)
 
 
-def _load_local(path: Path) -> list[dict[str, Any]]:
+def _load_local(path: Path, counts: Counter) -> list[Any]:
+    """Rows of a local file. JSON lines are parsed one by one, so a broken line or a row whose fields have other
+    types than the rest is skipped and counted (`skipped_unparsable`) instead of failing the whole file, as a
+    columnar reader would."""
+    if path.suffix == ".jsonl":
+        rows = []
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"data.dataset: cannot read {path}: {exc.strerror or exc}") from None
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                counts["skipped_unparsable"] += 1
+        return rows
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"data.dataset: cannot read {path}: {' '.join(str(exc).split())[:200]}") from None
+        if not isinstance(rows, list):
+            raise UserError(f"data.dataset: {path} must hold a JSON list of rows (or use .jsonl)")
+        return rows
     import datasets
 
     try:
@@ -157,17 +199,17 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- tokenising
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+def encode_prompt(tokenizer, prompt: str, context: Sequence[dict[str, str]] = ()) -> list[int]:
+    return list(tokenizer.apply_chat_template([*context, {"role": "user", "content": prompt}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter | None = None) -> Encoded:
     """Prompt ids exactly as generation sees them; answer ids are what the template appends for the assistant turn,
     cut after the first end-of-turn token so that real and generated answers end the same way."""
-    prompt_ids = encode_prompt(tokenizer, example.prompt)
+    prompt_ids = encode_prompt(tokenizer, example.prompt, example.context)
     full = list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}],
+        [*example.prompt_messages(), {"role": "assistant", "content": example.answer}],
         tokenize=True, return_dict=False))
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         answer_ids = full[len(prompt_ids):]

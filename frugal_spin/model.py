@@ -4,6 +4,11 @@ Inputs: `ModelConfig` and `LoraSection` of the recipe; `model.name` is a hub id,
 `builtin:tiny-llama` (built locally and cached by `frugal_spin.tiny_base`).
 Outputs: a `peft.PeftModel` with exactly one adapter ("default") and its tokenizer.
 
+Backends (`model.backend`): `transformers` loads through transformers + bitsandbytes NF4 (CPU or CUDA);
+`unsloth` (CUDA only, optional extra) loads through unsloth's FastLanguageModel, whose patched kernels then run
+the forward and backward (see `frugal_spin.unsloth_backend`); `auto` picks unsloth when a CUDA GPU is visible and
+unsloth is installed, else transformers. Selection never imports unsloth, so the CPU path cannot trip on it.
+
 Player and opponent share this one model: the opponent is the same base with the previous stage's adapter
 weights loaded, used for generation and scoring before training starts; the player is trained in place from
 those weights. So only one base and one adapter are ever in memory.
@@ -11,10 +16,13 @@ those weights. So only one base and one adapter are ever in memory.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +38,7 @@ class Runtime:
     device: torch.device
     compute_dtype: torch.dtype
     gradient_checkpointing: bool
+    backend: str = "transformers"  # "transformers" | "unsloth", resolved from model.backend
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -53,7 +62,26 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and device.type == "cuda")
-    return Runtime(device, dtype, checkpointing)
+    return Runtime(device, dtype, checkpointing, resolve_backend(cfg, device))
+
+
+def unsloth_installed() -> bool:
+    """Whether unsloth could be imported, without importing it (its import needs a GPU and patches libraries)."""
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.backend == "unsloth":
+        if device.type != "cuda":
+            raise UserError("model.backend is unsloth, which needs a CUDA GPU; none is used here "
+                            "(use model.backend=auto or transformers)")
+        if not unsloth_installed():
+            raise UserError('model.backend is unsloth but unsloth is not installed '
+                            '(pip install "frugal_spin[unsloth]", or use model.backend=auto)')
+        return "unsloth"
+    if cfg.backend == "auto" and device.type == "cuda" and unsloth_installed():
+        return "unsloth"
+    return "transformers"
 
 
 def check_model_reference(cfg: ModelConfig) -> None:
@@ -140,6 +168,33 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.M
         # Non-reentrant checkpointing works with frozen inputs, so no embedding-output hook is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def load_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime: Runtime, *, max_seq_length: int,
+               seed: int):
+    """The base with one fresh LoRA adapter, through the runtime's backend."""
+    if runtime.backend == "unsloth":
+        from frugal_spin.unsloth_backend import load_unsloth_model
+
+        return load_unsloth_model(path, cfg, lora, runtime, max_seq_length=max_seq_length, seed=seed)
+    return attach_lora(load_base_model(path, cfg, runtime), lora)
+
+
+@contextlib.contextmanager
+def inference_mode(model, runtime: Runtime) -> Iterator[None]:
+    """Generation inside this block uses the backend's fast path: unsloth's inference mode (its fused attention
+    and KV cache) when that backend is active, switched back to training mode afterwards; plain transformers
+    otherwise."""
+    if runtime.backend != "unsloth":
+        yield
+        return
+    from frugal_spin.unsloth_backend import for_inference, for_training
+
+    for_inference(model)
+    try:
+        yield
+    finally:
+        for_training(model, runtime)
 
 
 def attach_lora(base: torch.nn.Module, cfg: LoraSection):

@@ -23,8 +23,8 @@ from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.generate import generate_answers
 from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safetensors, write_text
-from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
-                               load_tokenizer, resolve_base_path, resolve_runtime, save_adapter)
+from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
+                               resolve_base_path, resolve_runtime, save_adapter)
 from frugal_spin.profiler import StageMeter
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
@@ -79,10 +79,12 @@ class Run:
             self.train_examples, self.heldout_examples = splits.train, splits.heldout
             self.heldout_answers = [e.answer for e in splits.heldout]
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
-            self.model = attach_lora(load_base_model(base_path, r.model, self.runtime), r.lora)
+            longest = r.data.max_prompt_tokens + max(r.data.max_answer_tokens, r.generation.max_new_tokens,
+                                                     r.eval.max_new_tokens)
+            self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
         self.store.complete("setup", self.data_fp, "setup", {
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
-            "device": str(self.runtime.device), "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
+            "device": str(self.runtime.device), "backend": self.runtime.backend, "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
             "gradient_checkpointing": self.runtime.gradient_checkpointing, **meter.memory}, meter.wall_s)
 
     # ------------------------------------------------------------ stages
@@ -147,9 +149,10 @@ class Run:
             if r.data.dataset == BUILTIN_DATASET:
                 from frugal_spin.tasks.arithmetic import is_correct
 
-                metrics["exact_match"], texts, generated_tokens = exact_match(
-                    self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
-                    max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
+                with inference_mode(self.model, self.runtime):
+                    metrics["exact_match"], texts, generated_tokens = exact_match(
+                        self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
+                        max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
                 metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
                                       list(zip(self.heldout_examples, self.heldout_answers, texts))[:5]]
                 tokens += generated_tokens
@@ -218,7 +221,7 @@ class Run:
         Returns the pairs.jsonl rows, the log-prob tensors and the two parts' meters (time, peak memory)."""
         g = self.recipe.generation
         encoded = [(e.prompt_ids, e.answer_ids) for e in encoded]
-        with StageMeter(self.runtime.device) as gen, \
+        with StageMeter(self.runtime.device) as gen, inference_mode(self.model, self.runtime), \
                 ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
             generated = generate_answers(self.model, self.tokenizer, [p for p, _ in encoded],
                                          max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
@@ -231,7 +234,7 @@ class Run:
             gen_logps = score_responses(self.model, [(p, y) for (p, _), y in zip(encoded, generated)],
                                         pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
                                         on_batch=advance)
-        rows = [{"prompt": ex.prompt, "real": ex.answer,
+        rows = [{"prompt": ex.prompt, **({"context": ex.context} if ex.context else {}), "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(p), "real_ids": list(y), "generated_ids": gen_ids}
                 for ex, (p, y), gen_ids in zip(examples, encoded, generated)]
@@ -274,7 +277,10 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
     # Every check that can fail on a user mistake runs before the run directory is touched.
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
-    resolve_runtime(recipe.model)
+    if resolve_runtime(recipe.model).backend == "unsloth":
+        from frugal_spin.unsloth_backend import import_unsloth
+
+        import_unsloth()  # before anything else loads transformers' model code
     run_dir = prepare_run_dir(recipe, restart)
     Run(recipe, run_dir).execute()
     return run_dir

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from frugal_spin.config import Recipe, load_recipe, recipe_from_dict
 from frugal_spin.errors import UserError
@@ -12,9 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_recipe_loads(path):
+def test_every_recipe_loads_and_dry_runs_offline(path, capsys, monkeypatch, tmp_path):
+    from frugal_spin.__main__ import main
+
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# stages: setup | sft | anchor | sft.eval | iter_0.generate" in out
+    assert f"# output directory: {recipe.output_dir}" in out and f"# model: {recipe.model.name}" in out
+    printed = recipe_from_dict(yaml.safe_load(out.split("# model:")[0]))
+    assert printed.to_dict() == recipe.to_dict()  # the printed recipe is the resolved one
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_recipes_directory_is_not_empty():
@@ -88,7 +100,7 @@ def _cli(*args, cwd):
     ("spin:\n  beta: -1\n", [], "spin.beta must be > 0"),
     ("spin: {iterations: 1}\n", ["spin.iterations=-2"], "spin.iterations must be >= 0"),
     ("whatever: 1\n", [], "unknown key whatever"),
-    ("data:\n  dataset: ./nowhere.jsonl\n", [], "data.dataset: file not found"),
+    ("data:\n  dataset: ./nowhere.jsonl\n", [], "data.dataset: file or directory not found"),
     ("model:\n  name: ./no_such_model_dir\n", [], "model.name: directory not found"),
     ("output_dir: FILE\n", [], "is not a directory"),
     pytest.param("output_dir: RUN\n", ["model.device=cuda"], "no CUDA GPU",

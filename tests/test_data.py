@@ -54,10 +54,29 @@ def test_empty_after_filtering_is_an_error(tmp_path):
         load_splits(DataConfig(dataset=str(path), eval_size=2), seed=0)
 
 
-def test_unreadable_file_is_an_error(tmp_path):
+def test_unparsable_lines_are_skipped_and_counted_not_fatal(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps(_row(f"q{i}", f"a{i}")) for i in range(12)]
+    mistyped = json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]})
+    path.write_bytes(("\n".join(good[:6] + ["{not json", mistyped, ""] + good[6:]) + "\n").encode()
+                     + b"\xff\xfe broken bytes\n")
+    splits = load_splits(DataConfig(dataset=str(path), eval_size=2), seed=0)
+    assert len(splits.train) + len(splits.heldout) == 12
+    assert splits.counts == Counter({"skipped_unparsable": 2, "skipped_malformed": 1})
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "cannot read"), ('{"messages": []}', "JSON list")])
+def test_unreadable_json_file_is_an_error(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_splits(DataConfig(dataset=str(path)), seed=0)
+
+
+def test_only_unparsable_lines_is_an_empty_dataset_error(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text("{not json\n")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="no usable training rows.*skipped_unparsable"):
         load_splits(DataConfig(dataset=str(path)), seed=0)
 
 
@@ -85,3 +104,100 @@ def test_truncation_keeps_prompt_end_and_answer_start():
                    counts)
     assert out.prompt_ids == [6, 7, 8, 9] and out.answer_ids == [0, 1, 2]
     assert counts == Counter({"truncated_prompts": 1, "truncated_answers": 1})
+
+
+def _ultrachat_rows(n, start=0):
+    """Rows in ultrachat_200k's schema: prompt, prompt_id, messages (multi-turn conversations)."""
+    rows = []
+    for i in range(start, start + n):
+        messages = [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"},
+                    {"role": "user", "content": f"follow-up {i}"}, {"role": "assistant", "content": f"second {i}"}]
+        rows.append({"prompt": f"question {i}", "prompt_id": f"{i:064x}", "messages": messages})
+    return rows
+
+
+BAD_ROWS = [
+    {"prompt": "q", "prompt_id": "a", "messages": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": ""}]},
+    {"prompt": "q", "prompt_id": "b", "messages": [{"role": "user", "content": "q"}]},
+    {"prompt": "q", "prompt_id": "c", "messages": None},
+    {"prompt": "q", "prompt_id": "d", "messages": [{"role": "system", "content": "s"},
+                                                   {"role": "assistant", "content": "a"}]},
+]
+
+
+def test_ultrachat_hub_layout_directory_with_bad_rows(tmp_path):
+    """A local copy of ultrachat_200k (data/<split>-*.parquet) is read through the same code as the hub."""
+    import datasets
+
+    data = tmp_path / "ultrachat_200k" / "data"
+    data.mkdir(parents=True)
+    datasets.Dataset.from_list(_ultrachat_rows(40) + BAD_ROWS).to_parquet(
+        str(data / "train_sft-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(_ultrachat_rows(10, start=1000)).to_parquet(
+        str(data / "test_sft-00000-of-00001.parquet"))
+    cfg = DataConfig(dataset=str(tmp_path / "ultrachat_200k"), eval_size=6, fraction=1.0)
+    splits = load_splits(cfg, seed=0)
+    assert len(splits.train) == 40 and len(splits.heldout) == 6
+    assert splits.counts == Counter({"skipped_no_answer": 2, "skipped_malformed": 1, "skipped_no_prompt": 1})
+    assert all(e.prompt.startswith("question 1") and e.answer.startswith("answer 1") for e in splits.heldout)
+    assert {e.prompt for e in splits.train} == {f"question {i}" for i in range(40)}
+    assert all(not e.context for e in splits.train)  # SPIN: first exchange only
+    sampled = load_splits(DataConfig(dataset=cfg.dataset, eval_size=6, fraction=0.25), seed=3)
+    # round(0.25 * 44) rows are sampled before filtering; the bad ones among them are counted, not replaced
+    assert len(sampled.train) + sum(sampled.counts.values()) == 11
+    assert sampled.train != load_splits(DataConfig(dataset=cfg.dataset, eval_size=6, fraction=0.25), seed=4).train
+
+
+def test_missing_split_of_a_dataset_directory_is_one_line(tmp_path):
+    import datasets
+
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(_ultrachat_rows(5)).to_parquet(str(tmp_path / "ds" / "data" / "train-0.parquet"))
+    with pytest.raises(UserError, match="split 'train_sft'") as info:
+        load_splits(DataConfig(dataset=str(tmp_path / "ds")), seed=0)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_multi_turn_switch_keeps_earlier_turns_as_context(tmp_path, suffix):
+    import datasets
+
+    path = tmp_path / f"chat{suffix}"
+    rows = _ultrachat_rows(12)
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    single = load_splits(DataConfig(dataset=str(path), eval_size=2), seed=0)
+    multi = load_splits(DataConfig(dataset=str(path), eval_size=2, multi_turn=True), seed=0)
+    by_id = {e.prompt.split()[-1]: e for e in multi.train}
+    assert {e.prompt.split()[0] for e in multi.train} == {"follow-up"}
+    i = next(iter(by_id))
+    assert by_id[i].answer == f"second {i}"
+    assert by_id[i].context == [{"role": "user", "content": f"question {i}"},
+                                {"role": "assistant", "content": f"answer {i}"}]
+    assert {e.prompt.split()[0] for e in single.train} == {"question"}
+
+
+def test_multi_turn_prompt_ids_are_the_template_of_the_whole_conversation():
+    from frugal_spin.data import Example, encode_example
+    from frugal_spin.tiny_base import TinyBaseSpec, build_tokenizer
+
+    tokenizer = build_tokenizer(TinyBaseSpec())
+    context = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
+    example = Example("2+2", "4", context)
+    encoded = encode_example(tokenizer, example, DataConfig(max_prompt_tokens=512, max_answer_tokens=512))
+    messages = context + [{"role": "user", "content": "2+2"}]
+    assert encoded.prompt_ids == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=False))
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "4"}], tokenize=True,
+                                         return_dict=False)
+    assert encoded.prompt_ids + encoded.answer_ids == list(full)
+
+
+def test_multi_turn_skips_conversations_without_an_answered_user_turn():
+    counts = Counter()
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
+    assert example_from_row(row, counts, multi_turn=True) is None
+    assert counts == Counter({"skipped_no_answer": 1})

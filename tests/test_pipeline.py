@@ -18,15 +18,49 @@ OVERRIDES = ["data.fraction=0.05", "data.eval_size=24", "spin.iterations=2", "sf
              "generation.max_new_tokens=16", "generation.batch_size=32", "eval.max_new_tokens=16"]
 
 
+SEEN = {"generated_from": [], "scored": []}  # what the pipeline handed to generation and to scoring, in order
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    from frugal_spin import pipeline
+
+    def generate_spy(model, tokenizer, prompts, **kwargs):
+        SEEN["generated_from"].append([list(p) for p in prompts])
+        return generate(model, tokenizer, prompts, **kwargs)
+
+    def score_spy(model, pairs, **kwargs):
+        SEEN["scored"].append([(list(p), list(y)) for p, y in pairs])
+        return score(model, pairs, **kwargs)
+
+    generate, score = pipeline.generate_answers, pipeline.score_responses
     root = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRUGAL_SPIN_CACHE", str(root / "cache"))
         # The real default pretrains for minutes; the contract does not depend on how long.
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+        mp.setattr(pipeline, "generate_answers", generate_spy)
+        mp.setattr(pipeline, "score_responses", score_spy)
         assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={root / 'run'}", *OVERRIDES]) == 0
     return root / "run"
+
+
+def test_the_ids_scored_are_the_ids_generated_from_and_those_saved(run_dir):
+    """One chat format everywhere: per iteration, generation starts from exactly the prompt ids that scoring
+    conditions on (for the real and the generated answer) and that pairs.jsonl records. Calls in order: anchor,
+    then each iteration (generation, real scoring, generated scoring)."""
+    import sys
+
+    for t in range(2):
+        rows = read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")
+        prompts = SEEN["generated_from"][1 + t]
+        real, generated = SEEN["scored"][2 * (1 + t)], SEEN["scored"][2 * (1 + t) + 1]
+        assert prompts == [r["prompt_ids"] for r in rows]
+        assert real == [(r["prompt_ids"], r["real_ids"]) for r in rows]
+        assert generated == [(r["prompt_ids"], r["generated_ids"]) for r in rows]
+    setup = json.loads((run_dir / "stages" / "setup.json").read_text())
+    assert setup["metrics"]["backend"] == "transformers"
+    assert "unsloth" not in sys.modules  # the CPU path never imports the optional backend
 
 
 def _load_independently(run_dir: Path, adapter: str | None):

@@ -1,0 +1,160 @@
+"""Backend and dtype selection on simulated GPUs, the unsloth glue against a recording stand-in of its API, and the
+guarantee that the CPU path never imports unsloth. (The real unsloth needs a CUDA GPU; see profiling/ for GPU runs.)"""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from frugal_spin import model as model_mod
+from frugal_spin.config import LoraSection, ModelConfig
+from frugal_spin.errors import UserError
+from frugal_spin.model import Runtime, attach_lora, inference_mode, load_model, resolve_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _simulate_gpu(monkeypatch, *, bf16: bool, unsloth: bool):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(model_mod, "unsloth_installed", lambda: unsloth)
+
+
+def test_t4_like_gpu_gets_fp16_checkpointing_and_transformers_without_unsloth(monkeypatch):
+    _simulate_gpu(monkeypatch, bf16=False, unsloth=False)
+    runtime = resolve_runtime(ModelConfig())
+    assert runtime.device.type == "cuda" and runtime.compute_dtype == torch.float16
+    assert runtime.gradient_checkpointing and runtime.backend == "transformers"
+    assert runtime.autocast_dtype == torch.float16
+
+
+def test_auto_picks_unsloth_on_a_gpu_where_it_is_installed_and_bf16_where_supported(monkeypatch):
+    _simulate_gpu(monkeypatch, bf16=True, unsloth=True)
+    runtime = resolve_runtime(ModelConfig())
+    assert (runtime.backend, runtime.compute_dtype) == ("unsloth", torch.bfloat16)
+    assert resolve_runtime(ModelConfig(backend="transformers")).backend == "transformers"
+    assert not resolve_runtime(ModelConfig(gradient_checkpointing="off")).gradient_checkpointing
+
+
+def test_cpu_never_selects_unsloth_even_when_installed(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(model_mod, "unsloth_installed", lambda: True)
+    runtime = resolve_runtime(ModelConfig())
+    assert (runtime.device.type, runtime.backend, runtime.compute_dtype) == ("cpu", "transformers", torch.float32)
+    assert not runtime.gradient_checkpointing
+    with pytest.raises(UserError, match="unsloth, which needs a CUDA GPU"):
+        resolve_runtime(ModelConfig(backend="unsloth"))
+
+
+def test_unsloth_requested_but_missing_says_how_to_install(monkeypatch):
+    _simulate_gpu(monkeypatch, bf16=False, unsloth=False)
+    with pytest.raises(UserError, match=r'pip install "frugal_spin\[unsloth\]"'):
+        resolve_runtime(ModelConfig(backend="unsloth"))
+
+
+def _tiny_llama(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def test_lora_weights_stay_fp32_on_a_half_precision_base():
+    """fp16 training (T4) unscales gradients into fp32 master weights: the adapter must be fp32."""
+    model = attach_lora(_tiny_llama(torch.float16), LoraSection(r=4, alpha=8))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)
+
+
+class _RecordingFastLanguageModel:
+    """The slice of unsloth's FastLanguageModel API the backend uses; records every call."""
+
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, **kwargs):
+        cls.calls.append(("from_pretrained", kwargs))
+        return _tiny_llama(kwargs["dtype"]), None
+
+    @classmethod
+    def get_peft_model(cls, model, **kwargs):
+        from peft import LoraConfig, get_peft_model
+
+        cls.calls.append(("get_peft_model", kwargs))
+        config = LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"], lora_dropout=kwargs["lora_dropout"],
+                            target_modules=kwargs["target_modules"], bias=kwargs["bias"], task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)  # like unsloth: compute dtype
+        return peft_model
+
+    @classmethod
+    def for_inference(cls, model):
+        cls.calls.append(("for_inference", model))
+
+    @classmethod
+    def for_training(cls, model, use_gradient_checkpointing=True):
+        cls.calls.append(("for_training", use_gradient_checkpointing))
+
+
+@pytest.fixture
+def fake_unsloth(monkeypatch):
+    module = types.ModuleType("unsloth")
+    module.FastLanguageModel = _RecordingFastLanguageModel
+    _RecordingFastLanguageModel.calls = []
+    monkeypatch.setitem(sys.modules, "unsloth", module)
+    return _RecordingFastLanguageModel.calls
+
+
+def test_unsloth_backend_loads_through_fast_language_model(fake_unsloth):
+    runtime = Runtime(torch.device("cpu"), torch.float16, gradient_checkpointing=True, backend="unsloth")
+    model = load_model("some/model", ModelConfig(name="some/model"), LoraSection(r=8, alpha=16), runtime,
+                       max_seq_length=96, seed=5)
+    (name, loaded), (name2, peft_args) = fake_unsloth
+    assert name == "from_pretrained" and name2 == "get_peft_model"
+    assert loaded["model_name"] == "some/model" and loaded["max_seq_length"] == 96
+    assert loaded["dtype"] == torch.float16 and loaded["load_in_4bit"] is True
+    assert loaded["trust_remote_code"] is False
+    # all-linear becomes unsloth's explicit list of the decoder's linear layers, without the head
+    assert peft_args["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                           "v_proj"]
+    assert (peft_args["r"], peft_args["lora_alpha"], peft_args["random_state"]) == (8, 16, 5)
+    assert peft_args["use_gradient_checkpointing"] == "unsloth"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # cast from the fake's fp16
+
+
+def test_generation_uses_unsloth_inference_mode_and_returns_to_training(fake_unsloth):
+    runtime = Runtime(torch.device("cpu"), torch.float16, gradient_checkpointing=False, backend="unsloth")
+    marker = object()
+    with pytest.raises(RuntimeError):
+        with inference_mode(marker, runtime):
+            assert fake_unsloth == [("for_inference", marker)]
+            raise RuntimeError("generation failed")
+    assert fake_unsloth[-1] == ("for_training", False)  # even when generation raised
+
+
+def test_transformers_backend_inference_mode_touches_nothing(fake_unsloth):
+    with inference_mode(object(), Runtime(torch.device("cpu"), torch.float32, False)):
+        pass
+    assert fake_unsloth == []
+
+
+def test_cpu_run_never_imports_unsloth(tmp_path):
+    """An installed unsloth that cannot import on this machine (its real behaviour without a GPU) must not matter."""
+    fake = tmp_path / "site" / "unsloth"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('unsloth: no GPU found')\n")
+    code = ("import sys, torch; from frugal_spin.config import ModelConfig; from frugal_spin.model import "
+            "resolve_runtime, unsloth_installed; from frugal_spin.__main__ import main; "
+            "assert unsloth_installed(); assert resolve_runtime(ModelConfig()).backend == 'transformers'; "
+            f"assert main([{str(REPO / 'recipes' / 'colab_t4.yaml')!r}, '--dry-run']) == 0; "
+            "assert 'unsloth' not in sys.modules; print('ok')")
+    env = {"PYTHONPATH": f"{tmp_path / 'site'}:{REPO}", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
