@@ -61,7 +61,18 @@ def summary_table(records: list[dict[str, Any]]) -> Table:
         metrics = record["metrics"]
         table.add_row(record["stage"], f"{record['wall_time_s']:.1f}",
                       *[_fmt(metrics.get(key)) for key in SUMMARY_COLUMNS.values()])
+    table.caption = data_caption(next((r["metrics"] for r in records if r["stage"] == "setup"), {}))
     return table
+
+
+def data_caption(setup: dict[str, Any]) -> str:
+    """The data the run used, with every skipped or truncated row count (they change what the metrics mean)."""
+    if not setup:
+        return ""
+    counts = [f"{k.replace('_', ' ')} {v}" for k, v in sorted(setup.items())
+              if k.startswith(("skipped_", "truncated_")) and v]
+    return (f"data: {setup.get('train_examples')} training, {setup.get('heldout_examples')} held-out examples"
+            + (f"; {', '.join(counts)}" if counts else "; no row skipped or truncated"))
 
 
 def _fmt(value: Any) -> str:

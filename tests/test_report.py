@@ -237,3 +237,16 @@ def test_diverged_run_with_nan_values_still_renders(tmp_path):
     assert math.isnan(report["evaluations"][1]["heldout_nll"])
     assert "| sft | train | 10.00 | 4,000 | nan |" in (run / "report.md").read_text()
     _assert_png(run / "metrics.png")
+
+
+def test_console_summary_states_skipped_and_truncated_rows():
+    from frugal_spin.ui import summary_table
+
+    records = [{"stage": "setup", "wall_time_s": 1.0, "metrics": {
+        "train_examples": 90, "heldout_examples": 10, "skipped_no_answer": 3, "truncated_prompts": 2,
+        "skipped_malformed": 0}},
+        {"stage": "sft", "wall_time_s": 2.0, "metrics": {"train_loss": 0.5}}]
+    assert summary_table(records).caption == ("data: 90 training, 10 held-out examples; skipped no answer 3, "
+                                              "truncated prompts 2")
+    records[0]["metrics"] = {"train_examples": 5, "heldout_examples": 1}
+    assert summary_table(records).caption.endswith("no row skipped or truncated")
