@@ -87,6 +87,9 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    checkpoint_every_steps: int = 50  # 0 = off
+    max_nonfinite_in_a_row: int = 5
+    oom_halving: bool = True
 
     def validate(self, section: str) -> None:
         if self.epochs <= 0:
@@ -99,6 +102,10 @@ class TrainConfig:
             raise UserError(f"{section}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise UserError(f"{section}.weight_decay and {section}.max_grad_norm must be >= 0")
+        if self.checkpoint_every_steps < 0:
+            raise UserError(f"{section}.checkpoint_every_steps must be >= 0 (0 = off), got "
+                            f"{self.checkpoint_every_steps}")
+        _positive(f"{section}.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row)
 
 
 @dataclass

@@ -17,19 +17,22 @@ from typing import Any
 import torch
 
 from frugal_spin import ui
-from frugal_spin.config import BUILTIN_DATASET, Recipe, dump_recipe
-from frugal_spin.data import Encoded, check_dataset_reference, encode_example, load_splits
+from frugal_spin.checkpoint import remove_checkpoint
+from frugal_spin.config import BUILTIN_DATASET, Recipe, TrainConfig, dump_recipe
+from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encode_example, load_splits
 from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
-from frugal_spin.generate import generate_answers
+from frugal_spin.faults import crash_point
+from frugal_spin.generate import AnswerLog, generate_answers
 from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safetensors, write_text
 from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
                                resolve_base_path, resolve_runtime, save_adapter)
 from frugal_spin.profiler import StageMeter
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
-from frugal_spin.stages import StageStore, fingerprint
-from frugal_spin.train import sft_step_fn, spin_step_fn, total_optimizer_steps, train_adapter
+from frugal_spin.stages import StageStore, file_digest, fingerprint
+from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn, spin_step_fn,
+                               total_optimizer_steps, train_adapter, train_with_oom_retry)
 
 
 def prepare_run_dir(recipe: Recipe, restart: bool) -> Path:
@@ -53,9 +56,10 @@ def prepare_run_dir(recipe: Recipe, restart: bool) -> Path:
 class Run:
     """One pipeline execution over a run directory. Holds the single model every stage shares."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path):
+    def __init__(self, recipe: Recipe, run_dir: Path, splits: DataSplits | None = None):
         self.recipe = recipe
         self.run_dir = run_dir
+        self.splits = splits
         self.store = StageStore(run_dir)
         self.runtime = resolve_runtime(recipe.model)
         self.chunk = recipe.model.logprob_chunk_size
@@ -73,7 +77,7 @@ class Run:
                                        asdict(r.lora))
             self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
             self.pad_id = self.tokenizer.pad_token_id
-            splits = load_splits(r.data, r.seed)
+            splits = self.splits or load_splits(r.data, r.seed)
             self.train = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.train]
             self.heldout = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.heldout]
             self.train_examples, self.heldout_examples = splits.train, splits.heldout
@@ -82,6 +86,7 @@ class Run:
             longest = r.data.max_prompt_tokens + max(r.data.max_answer_tokens, r.generation.max_new_tokens,
                                                      r.eval.max_new_tokens)
             self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
+            crash_point("setup")
         self.store.complete("setup", self.data_fp, "setup", {
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
             "device": str(self.runtime.device), "backend": self.runtime.backend, "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
@@ -93,19 +98,59 @@ class Run:
         r = self.recipe
         fp = fingerprint("sft", self.data_fp, asdict(r.sft), r.seed)
         adapter_dir = self.run_dir / "sft" / "adapter"
-        if self.store.completed("sft", fp) and adapter_dir.is_dir():
+        if self.store.completed("sft", fp):
             ui.note("[dim]sft: complete, skipped[/dim]")
             return fp
         step = sft_step_fn(self.model, self.train, self.pad_id, self.chunk, self.runtime.device)
         lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in self.train]
-        with StageMeter(self.runtime.device) as meter, \
-                ui.stage_bar("sft", total_optimizer_steps(len(self.train), r.sft), "steps") as advance:
-            result = train_adapter(self.model, self.runtime, r.sft, lengths, step, seed=r.seed,
-                                   on_step=lambda s, loss: advance(loss=loss), **self._trace("sft", "sft"))
+        with StageMeter(self.runtime.device) as meter:
+            result, used = self._train("sft", r.sft, "sft", fp, lengths, step, r.seed, self.run_dir / "sft")
         save_adapter(self.model, adapter_dir)
-        self.store.complete("sft", fp, "train", {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s,
-                                                  **meter.memory, "loss_curve": result.losses}, meter.wall_s)
+        crash_point("sft.saved")
+        self.store.complete("sft", fp, "train", {**result.summary(), **_batching(used),
+                                                  "tokens_per_s": result.tokens / meter.wall_s,
+                                                  **meter.memory, "loss_curve": result.losses}, meter.wall_s,
+                            outputs=[adapter_dir])
+        remove_checkpoint(self.run_dir / "sft" / "checkpoint")
         return fp
+
+    def _train(self, stage: str, cfg: TrainConfig, section: str, fp: str, lengths: list[int], step: StepFn,
+               seed: int, stage_dir: Path) -> tuple[TrainResult, TrainConfig]:
+        """One training stage with checkpoints in `stage_dir/checkpoint`, OOM handling and the NaN-streak stop."""
+        checkpoint_dir = stage_dir / "checkpoint"
+
+        def attempt(c: TrainConfig) -> TrainResult:
+            with ui.stage_bar(stage.replace(".", " "), total_optimizer_steps(len(lengths), c), "steps") as advance:
+                return train_adapter(self.model, self.runtime, c, lengths, step, seed=seed,
+                                     on_step=_absolute_progress(advance), checkpoint_dir=checkpoint_dir,
+                                     fingerprint=fp, stage=stage,
+                                     **self._trace("sft" if section == "sft" else "spin", stage.split(".")[0]))
+
+        try:
+            return train_with_oom_retry(attempt, self.model, cfg, allow_halving=cfg.oom_halving, stage=stage,
+                                        advice=lambda: self._oom_advice(section, cfg),
+                                        on_retry=lambda: remove_checkpoint(checkpoint_dir))
+        except NonFiniteStreak as exc:
+            if all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
+                last_good = stage_dir / "last_good_adapter"
+                save_adapter(self.model, last_good)  # skipped steps never touched these weights
+                raise UserError(f"{exc}; the last good adapter is in {last_good}") from None
+            raise UserError(f"{exc}; the weights are not finite, the last checkpoint is in {checkpoint_dir}") from None
+
+    def _oom_advice(self, section: str, cfg: TrainConfig) -> str:
+        """What the planner says fits this GPU, or how to ask it."""
+        how = (f"Lower {section}.micro_batch_size (raising {section}.grad_accum_steps keeps the effective batch), "
+               f"or set {section}.oom_halving=true; `python -m frugal_spin plan RECIPE --gpu ...` estimates what fits")
+        try:
+            from frugal_spin.planner import GPUS, estimate, resolve_model_shape
+
+            total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            gpu = min(GPUS, key=lambda g: abs(GPUS[g] - total_gib))
+            shape = resolve_model_shape(self.recipe.model.name, allow_network=False)
+            largest = estimate(self.recipe, shape, gpu).max_micro_batch[f"{section}_train"]
+        except Exception:  # the advice is best effort; the error itself must still be shown
+            return how + "."
+        return f"{how}; for a {gpu.upper()}-sized GPU it suggests {section}.micro_batch_size <= {largest}."
 
     def make_anchor(self, sft_fp: str) -> str:
         """Held-out prompts answered by the SFT model and scored by it: the fixed opponent of every evaluation."""
@@ -113,17 +158,20 @@ class Run:
         fp = fingerprint("anchor", sft_fp, asdict(r.generation))
         pairs_path = self.run_dir / "eval" / "anchor_pairs.jsonl"
         logps_path = self.run_dir / "eval" / "anchor_logps.safetensors"
-        if self.store.completed("anchor", fp) and pairs_path.is_file() and logps_path.is_file():
+        if self.store.completed("anchor", fp):
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
         rows, logps, (gen, score) = self._generate_and_score("anchor", self.heldout, self.heldout_examples,
-                                                             seed=r.seed + 7919)
+                                                             seed=r.seed + 7919, fp=fp,
+                                                             log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl")
         write_jsonl(pairs_path, rows)
-        write_safetensors(logps_path, logps)
+        write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
+                                                       "pairs_sha256": file_digest(pairs_path)["sha256"]})
         tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
         self.store.complete("anchor", fp, "generate", {  # tokens: generated, then scored with both answers
             "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
-            **_max_memory(gen, score)}, gen.wall_s + score.wall_s)
+            **_max_memory(gen, score)}, gen.wall_s + score.wall_s, outputs=[pairs_path, logps_path])
+        AnswerLog.remove(self.run_dir / "eval" / "anchor_answers.partial.jsonl")
         return fp
 
     def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
@@ -136,6 +184,7 @@ class Run:
         with StageMeter(self.runtime.device) as meter, ui.stage_bar(name, 3, "parts") as advance:
             metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
                                                  batch_size=r.eval.batch_size, chunk_size=self.chunk)
+            crash_point(f"{name}.nll")
             tokens = sum(len(e.prompt_ids) + len(e.answer_ids) for e in self.heldout)
             advance()
             anchor = read_jsonl(self.run_dir / "eval" / "anchor_pairs.jsonl")
@@ -164,18 +213,19 @@ class Run:
         r = self.recipe
         it_dir = self.run_dir / f"iter_{t}"
         pairs_path, logps_path = it_dir / "pairs.jsonl", it_dir / "opponent_logps.safetensors"
-        # The opponent is base + the previous stage's adapter, read back from disk (never the bare base).
+        # The opponent is base + the previous stage's adapter, read back from disk (never the bare base); its
+        # identity includes the adapter files' hash, so pairs and log-probs always name what produced them.
         load_adapter_weights(self.model, opponent_dir)
+        opponent = fingerprint(opponent_fp, file_digest(opponent_dir)["sha256"])
 
-        gen_fp = fingerprint("generate", opponent_fp, asdict(r.generation), r.seed, t)
+        gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t)
         score_fp = fingerprint("score", gen_fp)
-        if not (self.store.completed(f"iter_{t}.generate", gen_fp) and self.store.completed(f"iter_{t}.score", score_fp)
-                and pairs_path.is_file() and logps_path.is_file()):
+        if not (self.store.completed(f"iter_{t}.generate", gen_fp) and self.store.completed(f"iter_{t}.score", score_fp)):
             self._generate_iteration(t, pairs_path, logps_path, gen_fp, score_fp)
 
         train_fp = fingerprint("spin-train", score_fp, {k: v for k, v in asdict(r.spin).items() if k != "iterations"})
         adapter_dir = it_dir / "adapter"
-        if self.store.completed(f"iter_{t}.train", train_fp) and adapter_dir.is_dir():
+        if self.store.completed(f"iter_{t}.train", train_fp):
             return train_fp
         rows = read_jsonl(pairs_path)
         cache = read_safetensors(logps_path)
@@ -183,15 +233,17 @@ class Run:
                             [x["generated_ids"] for x in rows], cache["real"], cache["generated"], r.spin.beta,
                             self.pad_id, self.chunk, self.runtime.device)
         lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
-        with StageMeter(self.runtime.device) as meter, \
-                ui.stage_bar(f"iter_{t} train", total_optimizer_steps(len(rows), r.spin), "steps") as advance:
-            result = train_adapter(self.model, self.runtime, r.spin, lengths, step, seed=r.seed + 1000 * (t + 1),
-                                   on_step=lambda s, loss: advance(loss=loss), **self._trace("spin", f"iter_{t}"))
+        with StageMeter(self.runtime.device) as meter:
+            result, used = self._train(f"iter_{t}.train", r.spin, "spin", train_fp, lengths, step,
+                                       r.seed + 1000 * (t + 1), it_dir)
         save_adapter(self.model, adapter_dir)
+        crash_point(f"iter_{t}.train.saved")
         self.store.complete(f"iter_{t}.train", train_fp, "train",
-                            {**result.summary(), "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
-                             "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
-                            meter.wall_s)
+                            {**result.summary(), **_batching(used), "tokens_per_s": result.tokens / meter.wall_s,
+                             **meter.memory, "loss_curve": result.losses,
+                             "margin_curve": result.metrics.get("reward_margin", [])},
+                            meter.wall_s, outputs=[adapter_dir])
+        remove_checkpoint(it_dir / "checkpoint")
         return train_fp
 
     def _trace(self, kind: str, stage: str) -> dict[str, Any]:
@@ -200,33 +252,48 @@ class Run:
         return {"trace_dir": self.run_dir / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
 
     def _generate_iteration(self, t: int, pairs_path: Path, logps_path: Path, gen_fp: str, score_fp: str) -> None:
+        log_path = pairs_path.with_name("answers.partial.jsonl")
         rows, logps, (gen, score) = self._generate_and_score(
-            f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1))
+            f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp,
+            log_path=log_path)
         write_jsonl(pairs_path, rows)
+        crash_point(f"iter_{t}.generate.written")
         gen_tokens = sum(len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {
             "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
             "mean_answer_tokens": gen_tokens / max(1, len(rows)),
             "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
-            **gen.memory}, gen.wall_s)
-        write_safetensors(logps_path, logps)
+            **gen.memory}, gen.wall_s, outputs=[pairs_path])
+        write_safetensors(logps_path, logps, metadata={"fingerprint": score_fp,
+                                                       "pairs_sha256": file_digest(pairs_path)["sha256"]})
         scored_tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
         self.store.complete(f"iter_{t}.score", score_fp, "score", {
             "sequences": 2 * len(rows), "tokens": scored_tokens, "tokens_per_s": scored_tokens / score.wall_s,
             "opponent_real_logp_mean": logps["real"].mean().item(),
-            "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s)
+            "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s,
+            outputs=[logps_path])
+        AnswerLog.remove(log_path)
 
-    def _generate_and_score(self, label: str, encoded: list[Encoded], examples: list, seed: int):
+    def _generate_and_score(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
+                            log_path: Path):
         """Sample one answer per prompt with the loaded adapter, then score the real and generated answers.
-        Returns the pairs.jsonl rows, the log-prob tensors and the two parts' meters (time, peak memory)."""
+        Answers are appended to `log_path` batch by batch, so a killed run resumes generation at the first batch
+        with an unanswered prompt. Returns the pairs.jsonl rows, the log-prob tensors and the two parts' meters."""
         g = self.recipe.generation
         encoded = [(e.prompt_ids, e.answer_ids) for e in encoded]
+        log = AnswerLog(log_path, fingerprint(fp, [p for p, _ in encoded]))
+        answered = log.load()
+
+        def save_batch(indices: list[int], answers: list[list[int]]) -> None:
+            log.append(indices, answers)
+            crash_point(f"{label}.generate.batch", log.batches_written)
+
         with StageMeter(self.runtime.device) as gen, inference_mode(self.model, self.runtime), \
                 ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
             generated = generate_answers(self.model, self.tokenizer, [p for p, _ in encoded],
                                          max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                          temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
-                                         on_batch=advance)
+                                         on_batch=advance, answered=answered, on_answers=save_batch)
         with StageMeter(self.runtime.device) as score, \
                 ui.stage_bar(f"{label} score", 2 * len(encoded), "sequences") as advance:
             real_logps = score_responses(self.model, encoded, pad_id=self.pad_id, batch_size=g.batch_size,
@@ -234,6 +301,7 @@ class Run:
             gen_logps = score_responses(self.model, [(p, y) for (p, _), y in zip(encoded, generated)],
                                         pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
                                         on_batch=advance)
+        crash_point(f"{label}.score")
         rows = [{"prompt": ex.prompt, **({"context": ex.context} if ex.context else {}), "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(p), "real_ids": list(y), "generated_ids": gen_ids}
@@ -262,13 +330,30 @@ class Run:
         return records
 
 
+def _absolute_progress(advance):
+    """train_adapter reports optimizer steps done so far (a resumed stage starts past 0); the bar advances by deltas."""
+    done = [0]
+
+    def on_step(steps: int, loss: float) -> None:
+        advance(steps - done[0], loss=loss)
+        done[0] = steps
+
+    return on_step
+
+
+def _batching(cfg: TrainConfig) -> dict[str, int]:
+    """The micro-batching a stage really used (an OOM retry halves the recipe's)."""
+    return {"micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps}
+
+
 def _max_memory(*meters: StageMeter) -> dict[str, float]:
     return {k: max(m.memory[k] for m in meters) for k in meters[0].memory}
 
 
 def _base_identity(path: Path) -> str:
     """What identifies the base weights: the config plus the built-in builder's info when there is one."""
-    parts = [(path / name).read_text(encoding="utf-8") for name in ("config.json", "build_info.json")
+    parts = [(path / name).read_text(encoding="utf-8")
+             for name in ("config.json", "build_info.json", "tokenizer.json", "tokenizer_config.json")
              if (path / name).is_file()]
     return fingerprint(parts or [str(path)])
 
@@ -281,6 +366,7 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
         from frugal_spin.unsloth_backend import import_unsloth
 
         import_unsloth()  # before anything else loads transformers' model code
+    splits = load_splits(recipe.data, recipe.seed)  # an unreadable or empty dataset fails here, not mid-run
     run_dir = prepare_run_dir(recipe, restart)
-    Run(recipe, run_dir).execute()
+    Run(recipe, run_dir, splits).execute()
     return run_dir

@@ -5,6 +5,10 @@ produced the stage's outputs (the recipe fields it depends on and the fingerprin
 written last, atomically, after the stage's outputs; so an interrupted stage has no marker and is redone, and a
 changed recipe field changes the fingerprints of exactly the stages downstream of it.
 
+The marker also records the SHA-256 and size of every output file of the stage (`outputs`). A rerun trusts a
+finished stage only if each output still matches: a truncated, corrupted or replaced file makes the stage (and,
+through the fingerprints, everything downstream) run again, with a warning; it is never used silently.
+
 `metrics.jsonl` is rebuilt from the markers after every stage, in pipeline order, so a resumed run never holds
 duplicate or stale lines.
 """
@@ -14,9 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from frugal_spin.io import write_json, write_jsonl
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """SHA-256 and size of a file, or of every file under a directory (an adapter), in a stable order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest, size = hashlib.sha256(), 0
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def fingerprint(*parts: Any) -> str:
@@ -37,7 +55,7 @@ class StageStore:
         return self.marker_dir / f"{name}.json"
 
     def completed(self, name: str, fp: str) -> dict[str, Any] | None:
-        """The stage's record if it finished with this fingerprint, else None."""
+        """The stage's record if it finished with this fingerprint and its outputs are intact, else None."""
         self.expected[name] = fp
         path = self._marker(name)
         if not path.is_file():
@@ -48,16 +66,42 @@ class StageStore:
             return None
         if record.get("fingerprint") != fp:
             return None
+        for rel, expected in (record.get("outputs") or {}).items():
+            problem = self._output_problem(self.run_dir / rel, expected)
+            if problem:
+                from frugal_spin.ui import warn
+
+                warn(f"{name}: {rel} is {problem}; recomputing the stage")
+                return None
         self.write_metrics()  # a resumed run lists the stages it skipped too
         return record
 
-    def complete(self, name: str, fp: str, kind: str, metrics: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+    @staticmethod
+    def _output_problem(path: Path, expected: dict[str, Any]) -> str | None:
+        if not path.exists():
+            return "missing"
+        actual = file_digest(path)
+        if actual["bytes"] != expected.get("bytes"):
+            return f"truncated or changed ({actual['bytes']} bytes, {expected.get('bytes')} recorded)"
+        if actual["sha256"] != expected.get("sha256"):
+            return "corrupt (its SHA-256 differs from the one recorded when it was written)"
+        return None
+
+    def complete(self, name: str, fp: str, kind: str, metrics: dict[str, Any], wall_time_s: float,
+                 outputs: Iterable[Path] = ()) -> dict[str, Any]:
+        """Write the stage's marker, last: its outputs must already be in place (they are hashed here)."""
         self.expected[name] = fp
         record = {"stage": name, "kind": kind, "metrics": metrics, "wall_time_s": round(wall_time_s, 3),
-                  "fingerprint": fp}
+                  "fingerprint": fp,
+                  "outputs": {str(Path(p).relative_to(self.run_dir)): file_digest(p) for p in outputs}}
         write_json(self._marker(name), record)
         self.write_metrics()
         return record
+
+    def output_digest(self, name: str, rel: str) -> str:
+        """The recorded SHA-256 of a finished stage's output: what downstream fingerprints build on."""
+        record = json.loads(self._marker(name).read_text(encoding="utf-8"))
+        return record["outputs"][rel]["sha256"]
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -71,4 +115,4 @@ class StageStore:
 
     def write_metrics(self) -> None:
         write_jsonl(self.run_dir / "metrics.jsonl",
-                    ({k: v for k, v in r.items() if k != "fingerprint"} for r in self.records()))
+                    ({k: v for k, v in r.items() if k not in ("fingerprint", "outputs")} for r in self.records()))

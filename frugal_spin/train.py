@@ -12,7 +12,7 @@ weights stay fp32 (peft's default), so the scaler can unscale their gradients.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +20,8 @@ import torch
 
 from frugal_spin.config import TrainConfig
 from frugal_spin.data import Encoded, collate_sequences, length_grouped_batches
+from frugal_spin.errors import UserError
+from frugal_spin.faults import crash_point
 from frugal_spin.logprobs import sequence_logprobs
 from frugal_spin.losses import sft_loss, spin_loss
 from frugal_spin.model import Runtime, trainable_parameters
@@ -39,6 +41,7 @@ StepFn = Callable[[list[int]], StepOutput]
 class TrainResult:
     optimizer_steps: int = 0
     skipped_micro_batches: int = 0  # non-finite losses, not applied
+    skipped_optimizer_steps: int = 0  # non-finite gradient norms, not applied
     tokens: int = 0  # non-padding tokens forwarded (prompt and response)
     losses: list[float] = field(default_factory=list)  # mean loss per optimizer step
     metrics: dict[str, list[float]] = field(default_factory=dict)  # mean of each step metric per optimizer step
@@ -47,7 +50,8 @@ class TrainResult:
         """Means over the last `last` optimizer steps: what the adapter ended the stage at."""
         tail = lambda xs: sum(xs[-last:]) / max(1, len(xs[-last:]))  # noqa: E731
         out = {"train_loss": tail(self.losses), "optimizer_steps": self.optimizer_steps,
-               "skipped_micro_batches": self.skipped_micro_batches, "tokens": self.tokens}
+               "skipped_micro_batches": self.skipped_micro_batches,
+               "skipped_optimizer_steps": self.skipped_optimizer_steps, "tokens": self.tokens}
         out.update({f"train_{k}": tail(v) for k, v in self.metrics.items()})
         return out
 
@@ -70,6 +74,10 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, runtime: 
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+class NonFiniteStreak(UserError):
+    """Too many non-finite losses or gradients in a row: training cannot recover by skipping steps."""
+
+
 def train_adapter(
     model,
     runtime: Runtime,
@@ -81,12 +89,25 @@ def train_adapter(
     on_step: Callable[[int, float], None] | None = None,
     trace_dir: Path | None = None,
     trace_steps: int = 3,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    stage: str = "training",
 ) -> TrainResult:
-    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_step, loss)` reports progress.
+    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_steps_done, loss)` reports progress.
+
+    Faults: a micro-batch with a non-finite loss is not backpropagated, and an optimizer step with a non-finite
+    gradient norm is not applied; both are counted. `cfg.max_nonfinite_in_a_row` such events without a good step
+    in between raise `NonFiniteStreak` (the adapter then holds the last good weights: no bad step was applied).
+
+    Resume: with `checkpoint_dir`, the full training state is saved every `cfg.checkpoint_every_steps` optimizer
+    steps, and a matching checkpoint found there at the start is restored, so a killed stage continues from its
+    last checkpoint with the same data order, optimizer, scheduler, scaler and RNG state (`checkpoint.py`).
 
     With `trace_dir`, a torch.profiler trace of `trace_steps` optimizer steps (after one skipped and one warm-up
     step) is written there in the TensorBoard plugin's format, a Chrome-trace JSON that Perfetto also opens."""
     from transformers import get_scheduler
+
+    from frugal_spin.checkpoint import find_checkpoint, plan_digest, restore_checkpoint, save_checkpoint
 
     micro_batches = plan_micro_batches(lengths, cfg, seed)
     total_steps = math.ceil(len(micro_batches) / cfg.grad_accum_steps)
@@ -98,15 +119,26 @@ def train_adapter(
     result = TrainResult()
     model.train()
     torch.manual_seed(seed)
+    start = 0
+    plan = plan_digest(micro_batches)
+    found = find_checkpoint(checkpoint_dir, fingerprint=fingerprint, plan=plan) if checkpoint_dir else None
+    if found is not None:
+        restore_checkpoint(*found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start = found[1]["next_micro_batch"]
+        result = TrainResult(**found[1]["progress"])
+        if on_step is not None and result.optimizer_steps:
+            on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
     window_losses: list[float] = []
     window_metrics: dict[str, list[float]] = {}
+    bad_in_a_row = 0
     tracer = _tracer(trace_dir, trace_steps, runtime)
-    for index, batch in enumerate(micro_batches):
+    for index in range(start, len(micro_batches)):
         with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                             enabled=runtime.autocast_dtype is not None):
-            out = step_fn(batch)
+            out = step_fn(micro_batches[index])
         if not torch.isfinite(out.loss):
             result.skipped_micro_batches += 1
+            bad_in_a_row += 1
         else:
             loss = out.loss / cfg.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
@@ -117,13 +149,21 @@ def train_adapter(
         if (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == len(micro_batches):
             if scaler:
                 scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                       else float("inf"))
+            if window_losses and not torch.isfinite(grad_norm):
+                result.skipped_optimizer_steps += 1
+                bad_in_a_row += 1
+                if scaler:  # the scaler skips the step itself and lowers its scale
+                    scaler.step(optimizer)
+                    scaler.update()
             elif window_losses:
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                bad_in_a_row = 0
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.optimizer_steps += 1
@@ -131,15 +171,58 @@ def train_adapter(
                 result.losses.append(sum(window_losses) / len(window_losses))
                 for k, v in window_metrics.items():
                     result.metrics.setdefault(k, []).append(sum(v) / len(v))
+            if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise NonFiniteStreak(
+                    f"{stage}: {bad_in_a_row} non-finite losses or gradients in a row at optimizer step "
+                    f"{result.optimizer_steps}/{total_steps}; stopped (lower the learning rate, or raise "
+                    f"max_nonfinite_in_a_row)")
             if on_step is not None:
                 on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
             window_losses, window_metrics = [], {}
             if tracer is not None:
                 tracer.step()
+            if (checkpoint_dir is not None and cfg.checkpoint_every_steps > 0 and index + 1 < len(micro_batches)
+                    and result.optimizer_steps % cfg.checkpoint_every_steps == 0):
+                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, fingerprint=fingerprint, plan=plan, next_micro_batch=index + 1,
+                                progress=asdict(result))
+                crash_point(f"{stage}.checkpoint", result.optimizer_steps)
+            crash_point(f"{stage}.step", result.optimizer_steps)
     if tracer is not None:
         tracer.stop()
     model.eval()
     return result
+
+
+def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg: TrainConfig, *,
+                         allow_halving: bool, stage: str, advice: Callable[[], str],
+                         on_retry: Callable[[], None]) -> tuple[TrainResult, TrainConfig]:
+    """`train(cfg)`, and on CUDA out-of-memory either a clear error with what the planner suggests or, when the
+    recipe allows it, the same stage again from its starting weights with half the micro-batch and twice the
+    gradient accumulation (the same effective batch and number of optimizer steps)."""
+    initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    while True:
+        try:
+            return train(cfg), cfg
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # Out of the except block, so the exception's frames (and the activations they hold) are released.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if not allow_halving or cfg.micro_batch_size == 1:
+            raise UserError(f"{stage}: CUDA out of memory at micro_batch_size {cfg.micro_batch_size}. {advice()}")
+        smaller = replace(cfg, micro_batch_size=cfg.micro_batch_size // 2,
+                          grad_accum_steps=cfg.grad_accum_steps * 2)
+        from frugal_spin.ui import warn
+
+        warn(f"{stage}: CUDA out of memory at micro_batch_size {cfg.micro_batch_size}; retrying the stage with "
+             f"{smaller.micro_batch_size} x {smaller.grad_accum_steps} accumulation steps (same effective batch)")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in initial:
+                    param.copy_(initial[name])
+        on_retry()
+        cfg = smaller
 
 
 def _tracer(trace_dir: Path | None, steps: int, runtime: Runtime):

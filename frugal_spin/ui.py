@@ -48,6 +48,13 @@ def note(text: str) -> None:
     console.print(text)
 
 
+def warn(text: str) -> None:
+    """A problem the run handled itself (e.g. a corrupt cache file it recomputes): on stderr, one line."""
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+
+
 SUMMARY_COLUMNS = {"loss": "train_loss", "nll": "heldout_nll", "spin": "spin_loss", "margin": "reward_margin",
                    "acc": "reward_accuracy", "exact": "exact_match"}
 
