@@ -85,6 +85,9 @@ class Run:
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
             longest = r.data.max_prompt_tokens + max(r.data.max_answer_tokens, r.generation.max_new_tokens,
                                                      r.eval.max_new_tokens)
+            # The adapter's random init depends only on the seed, not on what ran before in this process (building
+            # the base draws from the same generator): a first run and a resumed one start from the same weights.
+            torch.manual_seed(r.seed)
             self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
             crash_point("setup")
         self.store.complete("setup", self.data_fp, "setup", {
@@ -161,9 +164,9 @@ class Run:
         if self.store.completed("anchor", fp):
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
-        rows, logps, (gen, score) = self._generate_and_score("anchor", self.heldout, self.heldout_examples,
-                                                             seed=r.seed + 7919, fp=fp,
-                                                             log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl")
+        rows, gen = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919, fp=fp,
+                                   log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl")
+        logps, score = self._score("anchor", rows)
         write_jsonl(pairs_path, rows)
         write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                        "pairs_sha256": file_digest(pairs_path)["sha256"]})
@@ -220,8 +223,10 @@ class Run:
 
         gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t)
         score_fp = fingerprint("score", gen_fp)
-        if not (self.store.completed(f"iter_{t}.generate", gen_fp) and self.store.completed(f"iter_{t}.score", score_fp)):
-            self._generate_iteration(t, pairs_path, logps_path, gen_fp, score_fp)
+        if not self.store.completed(f"iter_{t}.generate", gen_fp):
+            self._generate_iteration(t, pairs_path, gen_fp)
+        if not self.store.completed(f"iter_{t}.score", score_fp):
+            self._score_iteration(t, pairs_path, logps_path, score_fp)
 
         train_fp = fingerprint("spin-train", score_fp, {k: v for k, v in asdict(r.spin).items() if k != "iterations"})
         adapter_dir = it_dir / "adapter"
@@ -251,11 +256,10 @@ class Run:
             return {}
         return {"trace_dir": self.run_dir / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
 
-    def _generate_iteration(self, t: int, pairs_path: Path, logps_path: Path, gen_fp: str, score_fp: str) -> None:
+    def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str) -> None:
         log_path = pairs_path.with_name("answers.partial.jsonl")
-        rows, logps, (gen, score) = self._generate_and_score(
-            f"iter_{t}", self.train, self.train_examples, seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp,
-            log_path=log_path)
+        rows, gen = self._generate(f"iter_{t}", self.train, self.train_examples,
+                                   seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path)
         write_jsonl(pairs_path, rows)
         crash_point(f"iter_{t}.generate.written")
         gen_tokens = sum(len(x["generated_ids"]) for x in rows)
@@ -264,6 +268,11 @@ class Run:
             "mean_answer_tokens": gen_tokens / max(1, len(rows)),
             "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
             **gen.memory}, gen.wall_s, outputs=[pairs_path])
+        AnswerLog.remove(log_path)
+
+    def _score_iteration(self, t: int, pairs_path: Path, logps_path: Path, score_fp: str) -> None:
+        rows = read_jsonl(pairs_path)
+        logps, score = self._score(f"iter_{t}", rows)
         write_safetensors(logps_path, logps, metadata={"fingerprint": score_fp,
                                                        "pairs_sha256": file_digest(pairs_path)["sha256"]})
         scored_tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
@@ -272,41 +281,43 @@ class Run:
             "opponent_real_logp_mean": logps["real"].mean().item(),
             "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s,
             outputs=[logps_path])
-        AnswerLog.remove(log_path)
 
-    def _generate_and_score(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
-                            log_path: Path):
-        """Sample one answer per prompt with the loaded adapter, then score the real and generated answers.
-        Answers are appended to `log_path` batch by batch, so a killed run resumes generation at the first batch
-        with an unanswered prompt. Returns the pairs.jsonl rows, the log-prob tensors and the two parts' meters."""
+    def _generate(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
+                  log_path: Path) -> tuple[list[dict[str, Any]], StageMeter]:
+        """One answer per prompt from the loaded adapter, as pairs.jsonl rows. Answers are appended to `log_path`
+        batch by batch, so a killed run resumes generation at the first batch with an unanswered prompt."""
         g = self.recipe.generation
-        encoded = [(e.prompt_ids, e.answer_ids) for e in encoded]
-        log = AnswerLog(log_path, fingerprint(fp, [p for p, _ in encoded]))
+        log = AnswerLog(log_path, fingerprint(fp, [e.prompt_ids for e in encoded]))
         answered = log.load()
 
         def save_batch(indices: list[int], answers: list[list[int]]) -> None:
             log.append(indices, answers)
             crash_point(f"{label}.generate.batch", log.batches_written)
 
-        with StageMeter(self.runtime.device) as gen, inference_mode(self.model, self.runtime), \
+        with StageMeter(self.runtime.device) as meter, inference_mode(self.model, self.runtime), \
                 ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
-            generated = generate_answers(self.model, self.tokenizer, [p for p, _ in encoded],
+            generated = generate_answers(self.model, self.tokenizer, [e.prompt_ids for e in encoded],
                                          max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                          temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
                                          on_batch=advance, answered=answered, on_answers=save_batch)
-        with StageMeter(self.runtime.device) as score, \
-                ui.stage_bar(f"{label} score", 2 * len(encoded), "sequences") as advance:
-            real_logps = score_responses(self.model, encoded, pad_id=self.pad_id, batch_size=g.batch_size,
-                                         chunk_size=self.chunk, on_batch=advance)
-            gen_logps = score_responses(self.model, [(p, y) for (p, _), y in zip(encoded, generated)],
-                                        pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
-                                        on_batch=advance)
-        crash_point(f"{label}.score")
         rows = [{"prompt": ex.prompt, **({"context": ex.context} if ex.context else {}), "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
-                 "prompt_ids": list(p), "real_ids": list(y), "generated_ids": gen_ids}
-                for ex, (p, y), gen_ids in zip(examples, encoded, generated)]
-        return rows, {"real": real_logps, "generated": gen_logps}, (gen, score)
+                 "prompt_ids": list(e.prompt_ids), "real_ids": list(e.answer_ids), "generated_ids": gen_ids}
+                for ex, e, gen_ids in zip(examples, encoded, generated)]
+        return rows, meter
+
+    def _score(self, label: str, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], StageMeter]:
+        """The loaded adapter's log-probs of each row's real and generated answer (the opponent cache)."""
+        batch_size = self.recipe.generation.batch_size
+        with StageMeter(self.runtime.device) as meter, \
+                ui.stage_bar(f"{label} score", 2 * len(rows), "sequences") as advance:
+            real = score_responses(self.model, [(x["prompt_ids"], x["real_ids"]) for x in rows], pad_id=self.pad_id,
+                                   batch_size=batch_size, chunk_size=self.chunk, on_batch=advance)
+            generated = score_responses(self.model, [(x["prompt_ids"], x["generated_ids"]) for x in rows],
+                                        pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
+                                        on_batch=advance)
+        crash_point(f"{label}.score")
+        return {"real": real, "generated": generated}, meter
 
     # ------------------------------------------------------------ the whole method
 

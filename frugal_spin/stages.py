@@ -24,12 +24,14 @@ from frugal_spin.io import write_json, write_jsonl
 
 
 def file_digest(path: Path) -> dict[str, Any]:
-    """SHA-256 and size of a file, or of every file under a directory (an adapter), in a stable order."""
+    """SHA-256 and size of a file (the same hash as `sha256sum`), or of every file under a directory (an adapter:
+    relative names and contents, in a stable order)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest, size = hashlib.sha256(), 0
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -7,6 +7,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from conftest import SMALL_BASE_PATCH
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "colab_t4.ipynb"
 
@@ -24,24 +26,22 @@ def test_notebook_defaults_are_the_colab_recipe():
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code")  # stored clean
 
 
-def test_notebook_runs_the_cpu_recipe_end_to_end(tmp_path):
+def test_notebook_runs_the_cpu_recipe_end_to_end(tmp_path, small_base_cache):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     run_dir = tmp_path / "run"
     overrides = [f"output_dir={run_dir}", "data.fraction=0.03", "data.eval_size=16", "spin.iterations=1",
                  "sft.epochs=1", "generation.max_new_tokens=12", "eval.max_new_tokens=12"]
     # Like papermill's injected parameters: a cell right after the tagged one. Besides the CPU recipe and this
-    # checkout it shrinks the built-in base's pretraining (minutes in the real default; the notebook's path through
-    # the pipeline does not depend on how long) and keeps its cache inside the test's directory.
+    # checkout it uses the session's small built-in base (see conftest.py).
     injected = nbformat.v4.new_code_cell("\n".join([
         f"SOURCE = {str(REPO)!r}",
         "INSTALL = False",
         'RECIPE = "recipes/cpu_tiny.yaml"',
         f"OVERRIDES = {overrides!r}",
         "import os, sys",
-        f"os.environ['FRUGAL_SPIN_CACHE'] = {str(tmp_path / 'cache')!r}",
+        f"os.environ['FRUGAL_SPIN_CACHE'] = {str(small_base_cache)!r}",
         f"sys.path.insert(0, {str(REPO)!r})",
-        "from frugal_spin import tiny_base",
-        "tiny_base._resolve_spec = lambda seed, spec: tiny_base.TinyBaseSpec(pretrain_steps=40)",
+        SMALL_BASE_PATCH,
     ]))
     nb.cells.insert(_parameters_cell_index(nb) + 1, injected)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

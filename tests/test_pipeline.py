@@ -13,7 +13,7 @@ from frugal_spin.__main__ import main
 from frugal_spin.io import read_jsonl, read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_BASE = tiny_base.TinyBaseSpec(pretrain_steps=60)
+from conftest import SMALL_BASE
 OVERRIDES = ["data.fraction=0.05", "data.eval_size=24", "spin.iterations=2", "sft.epochs=1",
              "generation.max_new_tokens=16", "generation.batch_size=32", "eval.max_new_tokens=16"]
 
@@ -22,7 +22,7 @@ SEEN = {"generated_from": [], "scored": []}  # what the pipeline handed to gener
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, small_base_cache):
     from frugal_spin import pipeline
 
     def generate_spy(model, tokenizer, prompts, **kwargs):
@@ -36,8 +36,7 @@ def run_dir(tmp_path_factory):
     generate, score = pipeline.generate_answers, pipeline.score_responses
     root = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRUGAL_SPIN_CACHE", str(root / "cache"))
-        # The real default pretrains for minutes; the contract does not depend on how long.
+        mp.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
         mp.setattr(pipeline, "generate_answers", generate_spy)
         mp.setattr(pipeline, "score_responses", score_spy)
@@ -182,11 +181,11 @@ def test_player_reproduces_cached_opponent_logps_at_start_of_iteration(run_dir):
     assert abs(out.metrics["reward_margin"]) < 1e-6
 
 
-def test_rerun_skips_finished_stages_and_changed_beta_redoes_only_training(run_dir):
+def test_rerun_skips_finished_stages_and_changed_beta_redoes_only_training(run_dir, small_base_cache):
     markers = {p.name: p.read_text() for p in (run_dir / "stages").glob("*.json")}
     metrics_before = (run_dir / "metrics.jsonl").read_text()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRUGAL_SPIN_CACHE", str(run_dir.parent / "cache"))
+        mp.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
         args = [str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={run_dir}", *OVERRIDES]
         assert main(args) == 0
