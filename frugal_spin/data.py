@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -180,17 +181,33 @@ def _load_local(path: Path, counts: Counter) -> list[Any]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        with _datasets_quiet():
+            ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files; all mean "this file is bad"
         raise UserError(f"data.dataset: cannot read {path}: {' '.join(str(exc).split())[:300]}") from None
     return list(ds)
+
+
+@contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """datasets logs its own multi-line error before raising; the caller turns the exception into one clear line."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with _datasets_quiet():
+            ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown id or split: the user must fix the recipe or the network
         raise UserError(f"data.dataset: cannot load {name!r} split {split!r}: {' '.join(str(exc).split())[:300]}")
     return list(ds)

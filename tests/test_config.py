@@ -96,27 +96,61 @@ def _cli(*args, cwd):
                           timeout=120)
 
 
-@pytest.mark.parametrize("content, overrides, message", [
-    ("spin:\n  beta: -1\n", [], "spin.beta must be > 0"),
-    ("spin: {iterations: 1}\n", ["spin.iterations=-2"], "spin.iterations must be >= 0"),
-    ("whatever: 1\n", [], "unknown key whatever"),
-    ("data:\n  dataset: ./nowhere.jsonl\n", [], "data.dataset: file or directory not found"),
-    ("model:\n  name: ./no_such_model_dir\n", [], "model.name: directory not found"),
-    ("output_dir: FILE\n", [], "is not a directory"),
-    pytest.param("output_dir: RUN\n", ["model.device=cuda"], "no CUDA GPU",
+BAD_ROWS_ONLY = '{"messages": [{"role": "user", "content": "q"}]}\n' * 5 + "{torn\n"
+
+# Every user mistake of the reliability issue: (recipe text, overrides, files to create, expected message).
+# RUN is an earlier run's directory that must come out byte for byte untouched; FILE is a plain file; DIR is tmp.
+BAD_INPUTS = [
+    ("spin: [unclosed\n", [], {}, "is not valid YAML"),
+    ("", [], {}, "is empty"),
+    ("whatever: 1\n", [], {}, "unknown key whatever"),
+    ("sft:\n  epochs: many\n", [], {}, "sft.epochs"),
+    ("spin:\n  beta: -1\n", [], {}, "spin.beta must be > 0"),
+    ("spin: {iterations: 1}\n", ["spin.iterations=-2"], {}, "spin.iterations must be >= 0"),
+    ("data:\n  dataset: ./nowhere.jsonl\n", [], {}, "data.dataset: file or directory not found"),
+    ("data:\n  dataset: DIR/broken.parquet\n", [], {"broken.parquet": "not parquet at all"}, "cannot read"),
+    ("data:\n  dataset: DIR/bad.jsonl\n", [], {"bad.jsonl": BAD_ROWS_ONLY}, "no usable training rows"),
+    ("model:\n  name: ./no_such_model_dir\n", [], {}, "model.name: directory not found"),
+    ("output_dir: FILE\n", [], {}, "is not a directory"),
+    ("output_dir: FILE/run\n", [], {}, "is not writable"),
+    pytest.param("seed: 0\n", ["model.device=cuda"], {}, "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="only a machine without CUDA errs")),
-])
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, content, overrides, message):
+]
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content, overrides, files, message", BAD_INPUTS)
+def test_cli_bad_input_is_one_line_exit_2_and_leaves_earlier_results_untouched(tmp_path, content, overrides, files,
+                                                                                message):
     (tmp_path / "FILE").write_text("I am a file")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    earlier = tmp_path / "run"
+    (earlier / "stages").mkdir(parents=True)
+    (earlier / "recipe.yaml").write_text("output_dir: earlier\n")
+    (earlier / "stages" / "sft.json").write_text('{"stage": "sft"}\n')
+    (earlier / "metrics.jsonl").write_text('{"stage": "sft"}\n')
+    before = _tree(tmp_path)
+    text = content if "output_dir" in content or not content else f"output_dir: RUN\n{content}"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(content.replace("FILE", str(tmp_path / "FILE")).replace("RUN", str(tmp_path / "run")))
-    result = _cli(str(recipe), *overrides, cwd=tmp_path)
+    recipe.write_text(text.replace("FILE", str(tmp_path / "FILE")).replace("RUN", str(earlier))
+                      .replace("DIR", str(tmp_path)))
+    result = _cli(str(recipe), *overrides, *([] if "output_dir" in content else [f"output_dir={earlier}"]),
+                  cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
-    assert (tmp_path / "FILE").read_text() == "I am a file"
-    assert not (tmp_path / "run").exists()  # nothing written before the mistake was found
+    assert {k: v for k, v in _tree(tmp_path).items() if k != "r.yaml"} == before  # nothing written or changed
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    result = _cli(str(tmp_path / "nowhere.yaml"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "nowhere.yaml" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_dry_run_prints_plan_without_loading(tmp_path):
