@@ -150,9 +150,16 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection):
                              bias="none", task_type="CAUSAL_LM")
     try:
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype), which fp16 training on a T4 needs.
-        return get_peft_model(base, lora_config)
+        model = get_peft_model(base, lora_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
+    if next(base.parameters()).device.type == "cuda":
+        # Fused NF4 dequant + matmul + low-rank path (Triton); each call falls back to peft's forward when the
+        # kernel does not apply (dropout > 0, no triton, unsloth imported): see kernels/peft_swap.py.
+        from frugal_spin.kernels.peft_swap import use_fused_lora_layers
+
+        use_fused_lora_layers(model)
+    return model
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> None:
