@@ -11,6 +11,7 @@ those weights. So only one base and one adapter are ever in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,11 +31,25 @@ class Runtime:
     device: torch.device
     compute_dtype: torch.dtype
     gradient_checkpointing: bool
+    offload_activations: bool = False  # only ever True on CUDA (resolve_runtime)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """Mixed precision only on CUDA: on CPU everything trainable and every activation stays fp32."""
         return self.compute_dtype if self.device.type == "cuda" and self.compute_dtype != torch.float32 else None
+
+    def activation_offload(self):
+        """Context for a training forward: with `offload_activations`, what autograd saves for backward is
+        copied to pinned CPU memory (asynchronously) and brought back in backward; otherwise nothing.
+
+        With gradient checkpointing on, torch's non-reentrant checkpoint packs the tensors saved inside each
+        checkpointed layer with its own hooks (they are dropped and recomputed), and keeps each layer's input
+        for the recompute outside any hook: so what moves is what is saved outside the checkpointed layers
+        (embeddings, final norm, the head's [tokens, hidden] gradient buffer). Without checkpointing every
+        saved activation moves."""
+        if not self.offload_activations:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 def resolve_runtime(cfg: ModelConfig) -> Runtime:
@@ -53,7 +68,8 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and device.type == "cuda")
-    return Runtime(device, dtype, checkpointing)
+    offload = cfg.offload_activations and device.type == "cuda"  # on the CPU activations are in host memory already
+    return Runtime(device, dtype, checkpointing, offload_activations=offload)
 
 
 def check_model_reference(cfg: ModelConfig) -> None:
