@@ -42,11 +42,12 @@ class Runtime:
         """Context for a training forward: with `offload_activations`, what autograd saves for backward is
         copied to pinned CPU memory (asynchronously) and brought back in backward; otherwise nothing.
 
-        With gradient checkpointing on, torch's non-reentrant checkpoint packs the tensors saved inside each
-        checkpointed layer with its own hooks (they are dropped and recomputed), and keeps each layer's input
-        for the recompute outside any hook: so what moves is what is saved outside the checkpointed layers
-        (embeddings, final norm, the head's [tokens, hidden] gradient buffer). Without checkpointing every
-        saved activation moves."""
+        With gradient checkpointing on (the GPU default), what is saved is each layer's input, which the
+        non-reentrant checkpoint keeps for the recompute through these same hooks, plus what lies outside the
+        layers (final norm, the head's [tokens, hidden] gradient buffer): all of it moves, so GPU activation
+        memory no longer grows with the number of layers. The tensors saved during a layer's recompute in
+        backward are not offloaded (the hooks are off by then); they are one layer's worth. Without
+        checkpointing every saved activation moves (much more PCIe traffic)."""
         if not self.offload_activations:
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=True)

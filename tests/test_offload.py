@@ -3,6 +3,7 @@ gradients. (The CPU cannot show the memory saving; save_on_cpu pins host memory 
 
 import contextlib
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,8 +33,10 @@ def _model():
     return attach_lora(base, LoraSection(r=4, alpha=8))
 
 
-def _one_step_adapter(offload: bool, monkeypatch):
+def _one_step_adapter(offload: bool, monkeypatch, checkpointing: bool = False):
     model = _model()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(1)
     examples = [Encoded(torch.randint(3, 64, (5,), generator=g).tolist(), [7, 8, 9]) for _ in range(4)]
     step = sft_step_fn(model, examples, pad_id=0, chunk_size=16, device="cpu")
@@ -46,24 +49,33 @@ def _one_step_adapter(offload: bool, monkeypatch):
             pack = self.pack_hook
 
             def counting_pack(tensor):
-                packed.append(tensor.numel())
+                packed.append(tuple(tensor.shape))
                 return pack(tensor)
 
             self.pack_hook = counting_pack
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
     # Built by hand: resolve_runtime never turns offload on for the CPU, but the code path is the same.
-    runtime = Runtime(torch.device("cpu"), torch.float32, gradient_checkpointing=False, offload_activations=offload)
+    runtime = Runtime(torch.device("cpu"), torch.float32, gradient_checkpointing=checkpointing,
+                      offload_activations=offload)
     cfg = SFTConfig(epochs=1, learning_rate=1e-2, micro_batch_size=4, warmup_ratio=0.0, max_grad_norm=0.0)
-    result = train_adapter(model, runtime, cfg, [8] * 4, step, seed=0)
+    with monkeypatch.context() as patch:  # undone on return, so a second call does not wrap this wrapper
+        patch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
+        result = train_adapter(model, runtime, cfg, [8] * 4, step, seed=0)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return result.losses, weights, len(packed)
+    return result.losses, weights, packed
 
 
-def test_offloaded_training_step_gives_the_same_update(monkeypatch):
-    losses, weights, packed_off = _one_step_adapter(False, monkeypatch)
-    losses_offloaded, weights_offloaded, packed_on = _one_step_adapter(True, monkeypatch)
-    assert packed_off == 0 and packed_on > 20  # every saved activation went through the offload hooks
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offloaded_training_step_gives_the_same_update(monkeypatch, checkpointing):
+    losses, weights, packed_off = _one_step_adapter(False, monkeypatch, checkpointing)
+    losses_offloaded, weights_offloaded, packed_on = _one_step_adapter(True, monkeypatch, checkpointing)
+    assert packed_off == []
+    if checkpointing:
+        # What checkpointing keeps, each decoder layer's input [batch, seq, hidden], goes through the offload hooks.
+        layer_inputs = [shape for shape in packed_on if len(shape) == 3 and shape[-1] == 32]
+        assert len(layer_inputs) >= 2 and len(packed_on) < 20, packed_on
+    else:
+        assert len(packed_on) > 20  # every saved activation
     assert losses == losses_offloaded
     for name, w in weights.items():
         torch.testing.assert_close(weights_offloaded[name], w, atol=0, rtol=0, msg=name)
