@@ -171,7 +171,7 @@ def main(argv=None) -> None:
             row["ratio"] = row["gib"] / plain_gib if plain_gib else None
             rows.append(row)
             print(f"T={tokens} {path}: {row['seconds']:.3f} s, transient {row['gib']:.3f} GiB", flush=True)
-        del inputs
+        inputs = None  # free this T's tensors before the next T's are made
     os.environ.pop(dispatch.MODE_ENV, None)
 
     table = format_table(rows)

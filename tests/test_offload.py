@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from frugal_spin.config import LoraSection, ModelConfig, SFTConfig, recipe_from_dict
+from frugal_spin.config import LoraSection, SFTConfig, recipe_from_dict
 from frugal_spin.data import Encoded
 from frugal_spin.model import Runtime, attach_lora, resolve_runtime
 from frugal_spin.train import sft_step_fn, train_adapter
