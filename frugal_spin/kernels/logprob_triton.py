@@ -13,6 +13,7 @@ from torch import Tensor
 
 # 4,096 fp32 lanes per tile with 8 warps: 16 values per thread, and V = 151,936 takes 38 tiles per pass.
 BLOCK_V = 4096
+LAUNCH_OPTIONS = dict(num_warps=8)
 
 
 @triton.jit
@@ -52,5 +53,5 @@ def logprobs_and_grad_in_place(logits: Tensor, targets: Tensor, write_grad: bool
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         _row_logprob_kernel[(rows,)](logits, targets, out, vocab, logits.stride(0),
-                                     WRITE_GRAD=write_grad, BLOCK_V=BLOCK_V, num_warps=8)
+                                     WRITE_GRAD=write_grad, BLOCK_V=BLOCK_V, **LAUNCH_OPTIONS)
     return out

@@ -21,6 +21,10 @@ from frugal_spin.kernels.nf4_lora import NF4Weight
 
 # 64 x 64 tiles with a K step of 64 keep one dequantised W tile (4,096 values) in registers with 4 warps.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+# Two pipeline stages: 64 KiB of shared memory in bf16/fp16, 80 KiB in fp32 (compiled for sm_86/89/90 without a
+# GPU, tests/test_kernels_compile.py). Triton's default of three needs 112 / 144 KiB, over the 99 KiB a block
+# may use on consumer Ampere/Ada cards (RTX 30xx/40xx), where the launch would fail.
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -113,6 +117,6 @@ def nf4_matmul(a: Tensor, weight: NF4Weight, *, transpose_weight: bool, low_rank
         TRANSPOSE_W=transpose_weight, NESTED=weight.nested, HAS_LOW_RANK=has_low_rank, HAS_BIAS=bias is not None,
         BLOCKSIZE=weight.blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, FP32_DOT=a.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))),
-        num_warps=4,
+        **LAUNCH_OPTIONS,
     )
     return out
