@@ -74,8 +74,8 @@ def test_dispatch_rules(monkeypatch):
 # ---------------------------------------------------------------- NF4 format: the ground truth
 
 
-# bitsandbytes 0.50's native CPU dequantiser is wrong when a row's length (in_features) is even but not a
-# multiple of the block size (rows of 96: error 0.08 against the original weight where quantising costs 0.02);
+# bitsandbytes 0.50's native CPU dequantiser is wrong when a row's length (in_features) is a multiple of 16 but
+# not of the block size 64 (rows of 96: error 0.08 against the original weight where quantising costs 0.02);
 # its own generic torch fallback and the CUDA kernel are right. So the check has three parts:
 # F.dequantize_4bit where the native kernel is right, bitsandbytes' generic implementation everywhere, and a
 # round trip (re-quantising our dequantised weight gives back the same packed bytes), which no dequantiser bug
