@@ -50,6 +50,16 @@ def _fused_case(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name if use_triton(x, weight) else None
 
 
+def _nf4_weight(layer, param) -> NF4Weight:
+    """The layer's NF4Weight, rebuilt only when the packed data or its quant state changes: building it makes a
+    few tiny tensors (the double-quantisation offset on the device), not worth doing in every forward."""
+    cached = getattr(layer, "_frugal_spin_nf4", None)  # (data pointer, quant state object, NF4Weight)
+    if cached is None or cached[0] != param.data.data_ptr() or cached[1] is not param.quant_state:
+        cached = (param.data.data_ptr(), param.quant_state, NF4Weight.from_bnb(param.data, param.quant_state))
+        layer._frugal_spin_nf4 = cached
+    return cached[2]
+
+
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _fused_case(self, x, args, kwargs)
     if name is None:
@@ -59,7 +69,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         compute_dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
     else:
         compute_dtype, out_dtype = (base.compute_dtype or x.dtype), x.dtype
-    weight = NF4Weight.from_bnb(base.weight.data, base.weight.quant_state)
+    weight = _nf4_weight(self, base.weight)
     bias = base.bias.to(compute_dtype) if base.bias is not None else None
     y = fused_lora_linear(x.to(compute_dtype), weight, self.lora_A[name].weight, self.lora_B[name].weight,
                           self.scaling[name], bias)
