@@ -33,6 +33,10 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # CUDA only (a no-op on the CPU, where activations already sit in host memory): tensors autograd saves for
+    # backward go to pinned CPU memory as they are saved and come back when backward needs them
+    # (torch.autograd.graph.save_on_cpu). Frees their GPU memory for long sequences at the cost of PCIe copies.
+    offload_activations: bool = False
     logprob_chunk_size: int = 1024
     trust_remote_code: bool = False
 

@@ -39,6 +39,9 @@ and it avoids a V x H fp32 copy of the head (0.87 GiB for Qwen2.5-1.5B).
 Unsupported heads raise `UserError`: logit soft-capping (Gemma 2/3, `final_logit_softcapping`), logit scaling
 (Cohere `logit_scale`, Granite `logits_scaling`, Falcon-H1 `lm_head_multiplier`), quantized or LoRA-wrapped
 `lm_head`s, and peft prompt-learning adapters (their virtual tokens are added outside the decoder).
+
+On CUDA with triton installed and a frozen head, `chunked_token_logprobs` runs the softmax part of each chunk in
+a Triton kernel (`frugal_spin.kernels.logprob`); the torch chunked path here stays the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import torch
 from torch import Tensor
 
 from frugal_spin.errors import UserError
+from frugal_spin.kernels.dispatch import use_triton
 
 __all__ = [
     "chunked_token_logprobs",
@@ -202,6 +206,12 @@ def chunked_token_logprobs(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    frozen_head = not weight.requires_grad and not (bias is not None and bias.requires_grad)
+    if frozen_head and use_triton(hidden, weight):
+        # CUDA: the softmax part runs in one Triton kernel per chunk (kernels/logprob.py); same values, same memory.
+        from frugal_spin.kernels.logprob import triton_token_logprobs
+
+        return triton_token_logprobs(hidden, weight, targets, bias, chunk_size)
     # Eager gradient only when backward will surely want d hidden and nothing from the head: under no_grad
     # (opponent scoring) the extra matmul would be wasted, and a trainable head needs the recompute path anyway.
     eager = (

@@ -39,11 +39,26 @@ class Runtime:
     compute_dtype: torch.dtype
     gradient_checkpointing: bool
     backend: str = "transformers"  # "transformers" | "unsloth", resolved from model.backend
+    offload_activations: bool = False  # only ever True on CUDA (resolve_runtime)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """Mixed precision only on CUDA: on CPU everything trainable and every activation stays fp32."""
         return self.compute_dtype if self.device.type == "cuda" and self.compute_dtype != torch.float32 else None
+
+    def activation_offload(self):
+        """Context for a training forward: with `offload_activations`, what autograd saves for backward is
+        copied to pinned CPU memory (asynchronously) and brought back in backward; otherwise nothing.
+
+        With gradient checkpointing on (the GPU default), what is saved is each layer's input, which the
+        non-reentrant checkpoint keeps for the recompute through these same hooks, plus what lies outside the
+        layers (final norm, the head's [tokens, hidden] gradient buffer): all of it moves, so GPU activation
+        memory no longer grows with the number of layers. The tensors saved during a layer's recompute in
+        backward are not offloaded (the hooks are off by then); they are one layer's worth. Without
+        checkpointing every saved activation moves (much more PCIe traffic)."""
+        if not self.offload_activations:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 def resolve_runtime(cfg: ModelConfig) -> Runtime:
@@ -62,7 +77,8 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
         raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and device.type == "cuda")
-    return Runtime(device, dtype, checkpointing, resolve_backend(cfg, device))
+    offload = cfg.offload_activations and device.type == "cuda"  # on the CPU activations are in host memory already
+    return Runtime(device, dtype, checkpointing, resolve_backend(cfg, device), offload_activations=offload)
 
 
 def unsloth_installed() -> bool:
@@ -205,9 +221,16 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection):
                              bias="none", task_type="CAUSAL_LM")
     try:
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype), which fp16 training on a T4 needs.
-        return get_peft_model(base, lora_config)
+        model = get_peft_model(base, lora_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
+    if next(base.parameters()).device.type == "cuda":
+        # Fused NF4 dequant + matmul + low-rank path (Triton); each call falls back to peft's forward when the
+        # kernel does not apply (dropout > 0, no triton, unsloth imported): see kernels/peft_swap.py.
+        from frugal_spin.kernels.peft_swap import use_fused_lora_layers
+
+        use_fused_lora_layers(model)
+    return model
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> None:

@@ -134,7 +134,7 @@ def train_adapter(
     tracer = _tracer(trace_dir, trace_steps, runtime)
     for index in range(start, len(micro_batches)):
         with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                            enabled=runtime.autocast_dtype is not None):
+                            enabled=runtime.autocast_dtype is not None), runtime.activation_offload():
             out = step_fn(micro_batches[index])
         if not torch.isfinite(out.loss):
             result.skipped_micro_batches += 1

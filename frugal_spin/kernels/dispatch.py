@@ -1,0 +1,52 @@
+"""When to run a Triton kernel instead of its torch reference.
+
+Rule: Triton when every tensor is on CUDA and `import triton` works; the torch reference otherwise.
+
+Test hook: `FRUGAL_SPIN_TRITON=force` takes the Triton path for CPU tensors too. Triton has no CPU driver, so
+that only works under its interpreter (`TRITON_INTERPRET=1`), which numpy-executes the same kernel source.
+Triton reads `TRITON_INTERPRET` when a kernel is *decorated* (`triton.jit` checks `knobs.runtime.interpret`
+then), not when triton is imported. Our kernels are decorated lazily, on the first call that needs them (the
+`*_triton.py` modules are imported inside the dispatching function), so setting both variables at the top of a
+test module, before any kernel is used, is enough even if something else imported triton earlier. A forced
+run on CPU tensors without the interpreter raises instead of failing somewhere inside triton's driver.
+`FRUGAL_SPIN_TRITON=off` disables the kernels everywhere (a switch for debugging a suspected kernel bug).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MODE_ENV = "FRUGAL_SPIN_TRITON"  # auto (default) | force | off
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails while loading its driver
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """True if the Triton kernel should run on these tensors (None entries are ignored)."""
+    mode = os.environ.get(MODE_ENV, "auto").lower()
+    if mode == "off":
+        return False
+    present = [t for t in tensors if t is not None]
+    if mode == "force":
+        if not triton_importable():
+            raise RuntimeError(f"{MODE_ENV}=force but triton cannot be imported (pip install triton)")
+        if any(t.device.type != "cuda" for t in present) and not interpreting():
+            raise RuntimeError(f"{MODE_ENV}=force on CPU tensors needs TRITON_INTERPRET=1 (Triton has no CPU driver)")
+        return True
+    if mode != "auto":
+        raise ValueError(f"{MODE_ENV} must be auto, force or off, got {mode!r}")
+    return bool(present) and all(t.device.type == "cuda" for t in present) and triton_importable()
