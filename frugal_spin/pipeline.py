@@ -65,6 +65,7 @@ class Run:
         self.chunk = recipe.model.logprob_chunk_size
         self.model = None
         self.tokenizer = None
+        self.activity = "setup"  # what the run is doing, for the out-of-memory message
 
     # ------------------------------------------------------------ setup
 
@@ -183,6 +184,7 @@ class Run:
         if self.store.completed(name, fp):
             return
         load_adapter_weights(self.model, adapter_dir)
+        self.activity = f"{name} (eval.batch_size {r.eval.batch_size})"
         metrics: dict[str, Any] = {}
         with StageMeter(self.runtime.device) as meter, ui.stage_bar(name, 3, "parts") as advance:
             metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
@@ -287,6 +289,7 @@ class Run:
         """One answer per prompt from the loaded adapter, as pairs.jsonl rows. Answers are appended to `log_path`
         batch by batch, so a killed run resumes generation at the first batch with an unanswered prompt."""
         g = self.recipe.generation
+        self.activity = f"{label} generation (generation.batch_size {g.batch_size})"
         log = AnswerLog(log_path, fingerprint(fp, [e.prompt_ids for e in encoded]))
         answered = log.load()
 
@@ -309,6 +312,7 @@ class Run:
     def _score(self, label: str, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], StageMeter]:
         """The loaded adapter's log-probs of each row's real and generated answer (the opponent cache)."""
         batch_size = self.recipe.generation.batch_size
+        self.activity = f"{label} scoring (generation.batch_size {batch_size})"
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar(f"{label} score", 2 * len(rows), "sequences") as advance:
             real = score_responses(self.model, [(x["prompt_ids"], x["real_ids"]) for x in rows], pad_id=self.pad_id,
@@ -322,6 +326,15 @@ class Run:
     # ------------------------------------------------------------ the whole method
 
     def execute(self) -> list[dict[str, Any]]:
+        try:
+            return self._execute()
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # Training stages handle their own OOM (train.train_with_oom_retry); this is generation, scoring or eval.
+        raise UserError(f"CUDA out of memory in {self.activity}: lower generation.batch_size (generation and "
+                        f"scoring) or eval.batch_size; `python -m frugal_spin plan RECIPE --gpu ...` estimates what fits")
+
+    def _execute(self) -> list[dict[str, Any]]:
         r = self.recipe
         random.seed(r.seed)
         torch.manual_seed(r.seed)

@@ -3,6 +3,7 @@ streak stop, CUDA out-of-memory halving, resumable generation, and stage outputs
 The whole pipeline killed with SIGKILL at every stage is tests/test_crash_resume.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from frugal_spin.stages import StageStore
 from frugal_spin.train import NonFiniteStreak, StepOutput, sft_step_fn, train_adapter, train_with_oom_retry
 from test_train import CPU, _examples, _model
 
+REPO = Path(__file__).resolve().parents[1]
 CFG = SFTConfig(epochs=2, learning_rate=1e-2, micro_batch_size=4, grad_accum_steps=2, warmup_ratio=0.2,
                 checkpoint_every_steps=2, lr_scheduler="cosine")
 
@@ -232,3 +234,23 @@ def test_a_truncated_or_corrupt_output_makes_its_stage_run_again(tmp_path, capsy
     assert "corrupt" in capsys.readouterr().err
     out.unlink()
     assert StageStore(tmp_path).completed("iter_0.generate", "fp") is None
+
+
+def test_cuda_oom_outside_training_is_one_line_naming_the_batch_size(tmp_path, monkeypatch, small_base_cache, capsys):
+    from frugal_spin import pipeline, tiny_base
+    from frugal_spin.__main__ import main
+    from conftest import SMALL_BASE
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
+    monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+    monkeypatch.setattr(pipeline, "generate_answers", out_of_memory)
+    args = ["data.fraction=0.02", "data.eval_size=8", "sft.epochs=1", "generation.batch_size=7"]
+    assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={tmp_path / 'run'}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: CUDA out of memory in anchor generation (generation.batch_size 7): lower "
+                       "generation.batch_size (generation and scoring) or eval.batch_size; `python -m frugal_spin "
+                       "plan RECIPE --gpu ...` estimates what fits")
+    assert (tmp_path / "run" / "stages" / "sft.json").is_file()  # the finished stage is kept
