@@ -73,7 +73,8 @@ def _spread_clause(d: dict[str, Any]) -> str:
     n = len(d["paired_differences"])
     if d["exceeds_spread"] is None:
         return "one seed only, so the spread over seeds is unknown"
-    agree = f"lower in {d['seeds_lower']} of {n} seeds"
+    agree = (f"lower in {d['seeds_lower']} of {n} seeds" if d["difference"] < 0
+             else f"higher in {d['seeds_higher']} of {n} seeds")
     if d["exceeds_spread"]:
         return f"this exceeds the spread over seeds ({d['spread']:.4f}; {agree})"
     return f"this is within the spread over seeds ({d['spread']:.4f}; {agree}), so it is not established"
@@ -100,8 +101,13 @@ def hypothesis_verdict(loss: str, sft_stage: list[float], after_training: list[f
                              else " and exceeds the spread" if d["exceeds_spread"] else " but within the spread")
         statement = f"{what}: {numbers}: {change}; {_spread_clause(d)}."
     else:
-        verdict = "does not hold (negative result)"
-        statement = f"{what}: {numbers}: {change}. Negative result: {who} did not lower this loss."
+        # A negative result gets the same spread test: "higher beyond the spread" is a finding of its own.
+        qualifier = ("" if d["exceeds_spread"] is None or d["difference"] == 0
+                     else ", beyond the spread" if d["exceeds_spread"] else ", within the spread")
+        verdict = f"does not hold (negative result{qualifier})"
+        statement = (f"{what}: {numbers}: {change}"
+                     + ("" if d["difference"] == 0 else f"; {_spread_clause(d)}")
+                     + f". Negative result: {who} did not lower this loss.")
     return {"loss": loss, "arm": arm, "holds": holds, "exceeds_spread": d["exceeds_spread"], "verdict": verdict,
             "statement": statement, **{k: d[k] for k in ("difference", "relative", "spread", "paired_differences",
                                                           "seeds_lower", "seeds_higher")},
@@ -116,7 +122,9 @@ def arm_difference(metric: str, spin: list[float], sft: list[float]) -> dict[str
         better = "equal"
     else:
         better = "spin" if (d["difference"] < 0) == lower_better else "sft"
+    seeds_spin_better = d["seeds_lower"] if lower_better else d["seeds_higher"]
     return {"metric": metric, "better": better, "lower_is_better": lower_better,
+            "seeds_spin_better": seeds_spin_better,
             **{k: d[k] for k in ("difference", "spread", "exceeds_spread", "paired_differences", "paired_std")},
             "spin": d["after"], "sft": d["before"]}
 
@@ -252,7 +260,7 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
               f"Difference = SPIN − SFT arm; {summary['criterion']}.", ""]
     header = ["metric", "LoRA-SPIN"]
     for arm in summary["spin_vs_sft"]:
-        header += [ARM_LABELS[arm], "difference", "better", "beyond spread"]
+        header += [ARM_LABELS[arm], "difference", "better", "beyond spread", "seeds where SPIN is better"]
     rows = []
     keys = [d["metric"] for d in next(iter(summary["spin_vs_sft"].values()))]
     for i, key in enumerate(keys):
@@ -260,7 +268,8 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
         for arm, diffs in summary["spin_vs_sft"].items():
             d = diffs[i]
             row += [_pm(d["sft"]), f"{d['difference']:+.4f}", d["better"],
-                    "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no"]
+                    "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no",
+                    f"{d['seeds_spin_better']} of {len(d['paired_differences'])}"]
         rows.append(row)
     lines += _table(header, rows)
     lines += ["", "## Budgets", "",

@@ -132,10 +132,14 @@ def test_hypothesis_verdict_holds_within_the_spread_is_not_established():
 
 def test_hypothesis_verdict_reports_a_negative_result():
     v = hypothesis_verdict("heldout_nll", [0.22, 0.22, 0.23], [0.30, 0.35, 0.32])
-    assert not v["holds"] and v["verdict"] == "does not hold (negative result)"
-    assert "higher by" in v["statement"] and "Negative result" in v["statement"]
+    assert not v["holds"] and v["verdict"] == "does not hold (negative result, beyond the spread)"
+    assert "higher by" in v["statement"] and "higher in 3 of 3 seeds" in v["statement"]
+    assert "Negative result" in v["statement"]
+    small = hypothesis_verdict("heldout_nll", [0.22, 0.25, 0.23], [0.225, 0.252, 0.236])
+    assert not small["holds"] and small["verdict"] == "does not hold (negative result, within the spread)"
     equal = hypothesis_verdict("heldout_nll", [0.2, 0.3], [0.3, 0.2])  # same mean: no improvement either
-    assert not equal["holds"] and "unchanged" in equal["statement"]
+    assert not equal["holds"] and equal["verdict"] == "does not hold (negative result)"
+    assert "unchanged" in equal["statement"]
 
 
 def test_one_seed_has_no_spread():
@@ -148,7 +152,8 @@ def test_arm_difference_knows_which_direction_is_better():
     assert arm_difference("heldout_nll", [0.2, 0.21], [0.3, 0.31])["better"] == "spin"
     assert arm_difference("exact_match", [0.2, 0.21], [0.3, 0.31])["better"] == "sft"
     d = arm_difference("exact_match", [0.40, 0.50], [0.42, 0.44])
-    assert d["better"] == "spin" and d["exceeds_spread"] is False
+    assert d["better"] == "spin" and d["exceeds_spread"] is False and d["seeds_spin_better"] == 1
+    assert arm_difference("heldout_nll", [0.2, 0.21, 0.3], [0.3, 0.31, 0.29])["seeds_spin_better"] == 2
 
 
 @pytest.mark.parametrize("n_items, micro, accum, steps", [(100, 16, 1, 7), (100, 16, 1, 31), (2000, 16, 1, 125),
