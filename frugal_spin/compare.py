@@ -23,6 +23,9 @@ second seed in the pipeline and costs one SFT stage per seed.
 Every arm and seed lives in its own directory with its own stage markers, so a rerun skips every finished stage
 (setup, which only loads the model and data, always runs). The SFT arms' training blocks are fingerprinted by the
 adapter they start from, the `sft` settings, their step count and seed. Results: `comparison.py`.
+
+With `compare.lm_eval_tasks`, lm-evaluation-harness also scores the SFT adapter (`sft.lm_eval`, in the seed's
+directory) and the last adapter of every arm (`iter_<T-1>.lm_eval`, `block_<T-1>.lm_eval`); see lm_eval_hook.py.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from frugal_spin import ui
 from frugal_spin.config import Recipe, SFTConfig
 from frugal_spin.data import check_dataset_reference
 from frugal_spin.errors import UserError
+from frugal_spin.lm_eval_hook import check_lm_eval_available, run_lm_eval
 from frugal_spin.model import check_model_reference, load_adapter_weights, resolve_runtime, save_adapter
 from frugal_spin.pipeline import Run, prepare_run_dir
 from frugal_spin.profiler import StageMeter
@@ -64,6 +68,7 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
     resolve_runtime(recipe.model)
+    check_lm_eval_available(recipe.compare.lm_eval_tasks)
     compare_dir = compare_dir_of(recipe)
     seeds = seeds_of(recipe)
     equal_time_steps: list[int] | None = None
@@ -72,6 +77,10 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
         seed_recipe = replace(recipe, seed=seed, output_dir=str(compare_dir / f"seed_{seed}"))
         run = Run(seed_recipe, prepare_run_dir(seed_recipe, restart=False))
         run.execute()  # the SPIN arm; finished stages are skipped
+        last = recipe.spin.iterations - 1
+        lm_eval_stage(run, run.store, "sft.lm_eval", run.run_dir / "sft" / "adapter", run.store.expected["sft"])
+        lm_eval_stage(run, run.store, f"iter_{last}.lm_eval", run.run_dir / f"iter_{last}" / "adapter",
+                      run.store.expected[f"iter_{last}.train"])
         ContinuedSFT(run, EQUAL_STEPS, spin_steps_per_iteration(run.run_dir, recipe.spin.iterations)).execute()
         if i == 0:
             budget = equal_time_budget(run.run_dir, recipe.spin.iterations, recipe.compare.equal_time_threshold)
@@ -161,6 +170,7 @@ class ContinuedSFT:
         for t, steps in enumerate(self.block_steps):
             adapter_dir, adapter_fp = self._train_block(t, steps, adapter_dir, adapter_fp)
             evaluator.evaluate(f"block_{t}.eval", adapter_dir, adapter_fp, anchor_fp)
+        lm_eval_stage(run, self.store, f"block_{len(self.block_steps) - 1}.lm_eval", adapter_dir, adapter_fp)
 
     def _train_block(self, t: int, steps: int, start_dir: Path, start_fp: str) -> tuple[Path, str]:
         run, r = self.run, self.run.recipe
@@ -182,3 +192,24 @@ class ContinuedSFT:
             **result.summary(), "tokens_per_s": result.tokens / max(meter.wall_s, 1e-9), **meter.memory,
             "loss_curve": result.losses}, meter.wall_s)
         return adapter_dir, fp
+
+
+def lm_eval_stage(run: Run, store: StageStore, name: str, adapter_dir: Path, adapter_fp: str) -> None:
+    """Score one adapter with lm-evaluation-harness as a stage of `store`; nothing when no tasks are asked for."""
+    c = run.recipe.compare
+    if not c.lm_eval_tasks:
+        return
+    # The task files' contents, not just their directory's name, decide whether an earlier score still holds.
+    include = Path(c.lm_eval_include_path).expanduser() if c.lm_eval_include_path else None
+    task_files = {str(p.relative_to(include)): p.read_text(encoding="utf-8")
+                  for p in sorted(include.rglob("*.yaml"))} if include else {}
+    fp = fingerprint("lm-eval", adapter_fp, c.lm_eval_tasks, c.lm_eval_limit, task_files, run.recipe.eval.batch_size)
+    if store.completed(name, fp):
+        return
+    load_adapter_weights(run.model, adapter_dir)
+    with StageMeter(run.runtime.device) as meter:
+        ui.note(f"{name}: lm-evaluation-harness on {', '.join(c.lm_eval_tasks)}")
+        results = run_lm_eval(run.model, run.tokenizer, c.lm_eval_tasks, limit=c.lm_eval_limit,
+                              include_path=str(include or ""), batch_size=run.recipe.eval.batch_size,
+                              seed=run.recipe.seed)
+    store.complete(name, fp, "lm_eval", {**results, **meter.memory}, meter.wall_s)

@@ -117,7 +117,7 @@ def hypothesis_verdict(loss: str, sft_stage: list[float], after_training: list[f
 def arm_difference(metric: str, spin: list[float], sft: list[float]) -> dict[str, Any]:
     """SPIN minus an SFT arm on one metric at the same point: which is better and whether beyond the spread."""
     d = difference(spin, sft)
-    lower_better = LOWER_IS_BETTER.get(metric, True)
+    lower_better = LOWER_IS_BETTER.get(metric, _lm_eval_lower_is_better(metric))
     if d["difference"] == 0:
         better = "equal"
     else:
@@ -153,6 +153,24 @@ def _point_of(stage: str) -> str | None:
     return None
 
 
+def _lm_eval_point(stage: str) -> str | None:
+    if stage == "sft.lm_eval":
+        return "sft"
+    for prefix in ("iter_", "block_"):
+        if stage.startswith(prefix) and stage.endswith(".lm_eval"):
+            return "iter_" + stage[len(prefix):-len(".lm_eval")]
+    return None
+
+
+LM_EVAL_PREFIX = "lm_eval:"
+_MEMORY_KEYS = {"peak_mem_gib", "peak_reserved_gib", "peak_rss_gib"}
+
+
+def _lm_eval_lower_is_better(key: str) -> bool:
+    """Direction of a harness metric from its name: perplexities, bits per byte and losses go down, the rest up."""
+    return any(word in key for word in ("perplexity", "bits_per_byte", "loss", "nll"))
+
+
 def _train_point(stage: str) -> str | None:
     for prefix in ("iter_", "block_"):
         if stage.startswith(prefix) and stage.endswith(".train"):
@@ -181,6 +199,11 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int) -> dict[str, A
                     for key in EVAL_KEYS:
                         if r["metrics"].get(key) is not None:
                             metrics[point].setdefault(key, []).append(r["metrics"][key])
+                lm_point = _lm_eval_point(r["stage"])
+                if lm_point in metrics:  # harness results, standard errors left out (the seeds give the spread)
+                    for key, value in r["metrics"].items():
+                        if key not in _MEMORY_KEYS and "_stderr" not in key:
+                            metrics[lm_point].setdefault(LM_EVAL_PREFIX + key, []).append(value)
                 if train_point in steps:
                     steps[train_point].append(r["metrics"]["optimizer_steps"])
                     metrics[train_point].setdefault("train_loss", []).append(r["metrics"]["train_loss"])
@@ -224,8 +247,10 @@ def summarize(compare_dir: Path, recipe: Recipe) -> dict[str, Any]:
     values = lambda arm, point, key: arms[arm]["metrics"][point][key]["values"]  # noqa: E731
     hypothesis = [hypothesis_verdict(loss, values(arm, "sft", loss), values(arm, last, loss), arm)
                   for arm in arms for loss in HYPOTHESIS_LOSSES]
-    versus = {arm: [arm_difference(key, values("spin", last, key), values(arm, last, key))
-                    for key in EVAL_KEYS if key in arms["spin"]["metrics"][last]]
+    compared = [k for k in EVAL_KEYS if k in arms["spin"]["metrics"][last]]
+    compared += sorted(k for k in arms["spin"]["metrics"][last] if k.startswith(LM_EVAL_PREFIX))
+    versus = {arm: [arm_difference(key, values("spin", last, key), values(arm, last, key)) for key in compared
+                    if key in arms[arm]["metrics"][last]]
               for arm in arms if arm != "spin"}
     return {
         "compare_dir": str(compare_dir),
@@ -263,10 +288,13 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
         header += [ARM_LABELS[arm], "difference", "better", "beyond spread", "seeds where SPIN is better"]
     rows = []
     keys = [d["metric"] for d in next(iter(summary["spin_vs_sft"].values()))]
-    for i, key in enumerate(keys):
-        row = [METRIC_LABELS[key], _pm(arms["spin"]["metrics"][last][key])]
+    for key in keys:
+        row = [METRIC_LABELS.get(key, key), _pm(arms["spin"]["metrics"][last][key])]
         for arm, diffs in summary["spin_vs_sft"].items():
-            d = diffs[i]
+            d = next((d for d in diffs if d["metric"] == key), None)
+            if d is None:
+                row += ["–"] * 5
+                continue
             row += [_pm(d["sft"]), f"{d['difference']:+.4f}", d["better"],
                     "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no",
                     f"{d['seeds_spin_better']} of {len(d['paired_differences'])}"]
@@ -283,8 +311,10 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
               + ("an equal-wall-time SFT arm ran with " + str(budget["equal_time_steps"]) + " steps per block."
                  if budget["equal_time_arm"] else "no equal-wall-time arm was needed."), "",
               "## Metrics at every point", ""]
-    metric_keys = [k for k in (*EVAL_KEYS, "train_loss") if any(k in arms[a]["metrics"][p] for a in arms for p in points)]
-    header = ["arm", "point", *[METRIC_LABELS[k] for k in metric_keys]]
+    lm_keys = sorted({k for a in arms for p in points for k in arms[a]["metrics"][p] if k.startswith(LM_EVAL_PREFIX)})
+    metric_keys = [k for k in (*EVAL_KEYS, "train_loss", *lm_keys)
+                   if any(k in arms[a]["metrics"][p] for a in arms for p in points)]
+    header = ["arm", "point", *[METRIC_LABELS.get(k, k) for k in metric_keys]]
     rows = [[a["label"], p, *[_pm(a["metrics"][p][k]) if k in a["metrics"][p] else "–" for k in metric_keys]]
             for a in arms.values() for p in points]
     lines += _table(header, rows)

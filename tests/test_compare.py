@@ -14,6 +14,8 @@ from frugal_spin.comparison import arm_difference, hypothesis_verdict, mean_std
 from frugal_spin.compare import equal_time_budget, sft_config_for_steps
 from frugal_spin.config import SFTConfig
 from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl
+from frugal_spin.errors import UserError
+from frugal_spin.lm_eval_hook import check_lm_eval_available, flatten_results
 from frugal_spin.train import total_optimizer_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,3 +242,61 @@ def test_answers_per_prompt_gives_k_pairs_per_prompt(root, switch_run):
     # Two samples at temperature 1 differ for most prompts (identical answers would mean one sample copied).
     assert sum(a["generated_ids"] != b["generated_ids"] for a, b in zip(rows[0::2], rows[1::2])) > n_prompts // 2
     assert len(read_safetensors(switch_run / "iter_0" / "opponent_logps.safetensors")["real"]) == 2 * n_prompts
+
+
+# ------------------------------------------------------------------------------- lm-evaluation-harness hook
+
+def test_lm_eval_tasks_without_the_harness_are_a_user_error(monkeypatch):
+    import frugal_spin.lm_eval_hook as hook
+
+    monkeypatch.setattr(hook.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install lm_eval"):
+        check_lm_eval_available(["hellaswag"])
+    check_lm_eval_available([])  # no tasks, no requirement
+
+
+def test_flatten_results_keeps_numeric_metrics_only():
+    results = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": float("nan"), "sample_len": 8},
+               "u": {"word_perplexity,none": 12.0, "flag": True}}
+    assert flatten_results(results) == {"t/acc,none": 0.5, "u/word_perplexity,none": 12.0}
+
+
+def _arithmetic_choice_task(directory: Path) -> Path:
+    """A two-choice harness task on local held-out arithmetic rows: the real answer against a wrong last digit."""
+    from frugal_spin.tasks import arithmetic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = arithmetic.build_splits(seed=99, n_train=0, n_heldout=8)["heldout"]
+    docs = []
+    for r in rows:
+        question = next(m["content"] for m in r["messages"] if m["role"] == "user")
+        answer = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        wrong = answer[:-1] + str((int(answer[-1]) + 1) % 10) if answer[-1].isdigit() else answer + "0"
+        docs.append({"question": question, "choices": [" " + answer, " " + wrong], "label": 0})
+    write_jsonl(directory / "arith.jsonl", docs)
+    (directory / "arith_choice.yaml").write_text(
+        f"task: arith_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'arith.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    return directory
+
+
+def test_lm_eval_hook_scores_sft_and_every_arms_last_adapter(root):
+    """Runs only where lm-evaluation-harness is installed (it is an optional extra, not a dependency)."""
+    pytest.importorskip("lm_eval")
+    tasks = _arithmetic_choice_task(root / "lm_tasks")
+    args = ["compare", RECIPE, f"output_dir={root / 'lm'}", *TINY, "spin.iterations=1", "compare.seeds=1",
+            "compare.lm_eval_tasks=[arith_choice]", f"compare.lm_eval_include_path={tasks}"]
+    assert _main(root / "cache", args) == 0
+    compare = root / "lm" / "compare"
+    summary = json.loads((compare / "comparison.json").read_text())
+    key = "lm_eval:arith_choice/acc,none"
+    for arm, directory, stage in [("spin", "", "iter_0"), ("sft_equal_steps", "sft_equal_steps", "block_0")]:
+        recorded = _records(compare / "seed_0" / directory)[f"{stage}.lm_eval"]["metrics"]["arith_choice/acc,none"]
+        assert 0.0 <= recorded <= 1.0
+        assert summary["arms"][arm]["metrics"]["iter_0"][key]["values"] == [recorded]
+    sft_acc = _records(compare / "seed_0")["sft.lm_eval"]["metrics"]["arith_choice/acc,none"]
+    assert summary["arms"]["spin"]["metrics"]["sft"][key]["values"] == [sft_acc]
+    assert any(d["metric"] == key for d in summary["spin_vs_sft"]["sft_equal_steps"])
+    before = _markers(compare)
+    assert _main(root / "cache", args) == 0 and _markers(compare) == before  # scored once, reused
