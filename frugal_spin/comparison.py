@@ -301,7 +301,7 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
         rows.append(row)
     lines += _table(header, rows)
     lines += ["", "## Budgets", "",
-              f"Optimizer steps per iteration/block: " + "; ".join(
+              "Optimizer steps per iteration/block: " + "; ".join(
                   f"{a['label']} {[round(statistics.fmean(v)) for v in a['optimizer_steps'].values()]}"
                   for a in arms.values()) + ".",
               f"On seed {summary['seeds'][0]}: a SPIN iteration (generate + score + train) took "

@@ -275,7 +275,8 @@ def _arithmetic_choice_task(directory: Path) -> Path:
         docs.append({"question": question, "choices": [" " + answer, " " + wrong], "label": 0})
     write_jsonl(directory / "arith.jsonl", docs)
     (directory / "arith_choice.yaml").write_text(
-        f"task: arith_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'arith.jsonl'}\n"
+        "task: arith_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'arith.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
         "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
     return directory
