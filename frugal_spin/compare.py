@@ -5,7 +5,8 @@ What it runs, for every seed s in recipe.seed, recipe.seed + 1, ... (`compare.se
 - the *SPIN arm*: the recipe's whole pipeline with `seed = s` in `<output_dir>/compare/seed_<s>/`, an ordinary run
   directory (data sample, SFT adapter, anchor pairs, SPIN iterations, its own report);
 - the *equal-steps SFT arm* in `seed_<s>/sft_equal_steps/`: from that seed's SFT adapter, LoRA SFT on the same real
-  answers with the recipe's `sft` settings (learning rate, batch, schedule), in one block per SPIN iteration, block t
+  answers with the recipe's `sft` settings (batch, schedule, and learning rate unless
+  `compare.sft_arm_learning_rate` sets one), in one block per SPIN iteration, block t
   taking exactly as many optimizer steps as SPIN iteration t took, each evaluated like the SPIN iteration (same
   held-out prompts, anchor pairs, beta, exact match: the seed's own `Run.evaluate`);
 - the *equal-time SFT arm* in `seed_<s>/sft_equal_time/`, only when the two budgets differ: if the SPIN arm's
@@ -174,7 +175,8 @@ class ContinuedSFT:
 
     def _train_block(self, t: int, steps: int, start_dir: Path, start_fp: str) -> tuple[Path, str]:
         run, r = self.run, self.run.recipe
-        cfg = sft_config_for_steps(r.sft, len(run.train), steps)
+        sft = replace(r.sft, learning_rate=r.compare.sft_arm_learning_rate or r.sft.learning_rate)
+        cfg = sft_config_for_steps(sft, len(run.train), steps)
         seed = r.seed + 1000 * (t + 1)  # batch order differs from the SFT stage's (seed r.seed) and per block
         fp = fingerprint("continued-sft", start_fp, asdict(cfg), steps, seed)
         name, adapter_dir = f"block_{t}.train", self.arm_dir / f"block_{t}" / "adapter"
@@ -189,7 +191,8 @@ class ContinuedSFT:
                                    on_step=lambda s, loss: advance(loss=loss))
         save_adapter(run.model, adapter_dir)
         self.store.complete(name, fp, "train", {
-            **result.summary(), "tokens_per_s": result.tokens / max(meter.wall_s, 1e-9), **meter.memory,
+            **result.summary(), "learning_rate": cfg.learning_rate,
+            "tokens_per_s": result.tokens / max(meter.wall_s, 1e-9), **meter.memory,
             "loss_curve": result.losses}, meter.wall_s)
         return adapter_dir, fp
 

@@ -183,6 +183,8 @@ class CompareConfig:
     """`python -m frugal_spin compare`: LoRA-SPIN against continued LoRA-SFT (see compare.py)."""
     seeds: int = 3
     equal_time_threshold: float = 0.2
+    # Learning rate of the continued-SFT arms; 0 = sft.learning_rate (continue SFT as the recipe does SFT).
+    sft_arm_learning_rate: float = 0.0
     # Optional lm-evaluation-harness tasks scored at the SFT point and after every arm's last block (lm_eval_hook.py).
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int = 0  # examples per task; 0 = all
@@ -193,6 +195,9 @@ class CompareConfig:
             raise UserError(f"compare.seeds must be >= 1, got {self.seeds}")
         if self.equal_time_threshold < 0:
             raise UserError(f"compare.equal_time_threshold must be >= 0, got {self.equal_time_threshold}")
+        if self.sft_arm_learning_rate < 0:
+            raise UserError(f"compare.sft_arm_learning_rate must be >= 0 (0 = sft.learning_rate), "
+                            f"got {self.sft_arm_learning_rate}")
         if self.lm_eval_limit < 0:
             raise UserError(f"compare.lm_eval_limit must be >= 0 (0 = all), got {self.lm_eval_limit}")
         if self.lm_eval_include_path and not Path(self.lm_eval_include_path).expanduser().is_dir():

@@ -108,6 +108,21 @@ def test_rerun_with_nothing_changed_redoes_nothing(compare_dir, root):
     assert (compare_dir / "comparison.json").read_text() == summary_before
 
 
+def test_sft_arm_learning_rate_redoes_only_the_sft_arms(compare_dir, root):
+    """Runs after the rerun test (module order): it changes the SFT arms of the shared compare directory."""
+    before = _markers(compare_dir)
+    args = ["compare", RECIPE, f"output_dir={root / 'out'}", *COMPARE, "compare.sft_arm_learning_rate=1e-4"]
+    assert _main(root / "cache", args) == 0
+    after = _markers(compare_dir)
+    spin_arm = [name for name in before if name.count("/") == 2]  # seed_<s>/stages/<stage>.json
+    assert spin_arm and all(after[name] == before[name] for name in spin_arm)
+    blocks = [name for name in before if "/sft_equal_steps/stages/block_" in name and ".train." in name]
+    assert blocks and all(after[name] != before[name] for name in blocks)
+    for seed in (0, 1):
+        records = _records(compare_dir / f"seed_{seed}" / "sft_equal_steps")
+        assert records["block_0.train"]["metrics"]["learning_rate"] == 1e-4
+
+
 def test_bad_compare_input_is_one_line_error(root, capsys):
     assert _main(root / "cache", ["compare", RECIPE, f"output_dir={root / 'bad'}", "compare.seeds=0"]) == 2
     assert capsys.readouterr().err.strip() == "error: compare.seeds must be >= 1, got 0"
