@@ -3,6 +3,7 @@
     python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]   run the whole method
     python -m frugal_spin report RUN_DIR                                                 re-render report.md/json/PNGs
     python -m frugal_spin plan RECIPE.yaml [overrides] [--gpu t4|l4|a10|a100-40|a100-80|h100]  estimate peak memory
+    python -m frugal_spin compare RECIPE.yaml [overrides]   LoRA-SPIN vs continued LoRA-SFT over seeds -> comparison.md
 
 A user mistake (recipe, override, path, dataset) prints one line, `error: ...`, and exits with status 2; nothing
 else of the run is touched.
@@ -41,7 +42,9 @@ def dry_run(recipe) -> None:
     device = here if recipe.model.device == "auto" else recipe.model.device
     stages = ["setup", "sft", "anchor", "sft.eval"]
     for t in range(recipe.spin.iterations):
-        stages += [f"iter_{t}.generate", f"iter_{t}.score", f"iter_{t}.train", f"iter_{t}.eval"]
+        stages += [f"iter_{t}.generate", f"iter_{t}.score"]
+        stages += [f"iter_{t}.score_previous"] if recipe.spin.mix_previous_pairs and t > 0 else []
+        stages += [f"iter_{t}.train", f"iter_{t}.eval"]
     print(dump_recipe(recipe), end="")
     print(f"# model: {recipe.model.name} (4-bit: {recipe.model.load_in_4bit}, device: {recipe.model.device})")
     if device == "cuda" and here == "cpu":
@@ -98,7 +101,29 @@ def plan_main(argv: list[str]) -> int:
     return planner_main(argv)
 
 
-SUBCOMMANDS = {"report": report_main, "plan": plan_main}
+def compare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m frugal_spin compare",
+        description="From the same SFT adapter, the recipe's SPIN iterations against continued LoRA SFT with equal "
+                    "optimizer steps (and equal wall time when the budgets differ), over compare.seeds seeds; "
+                    "writes comparison.md/json into OUTPUT_DIR/compare. Finished stages are reused.")
+    parser.add_argument("recipe", help="path to a recipe YAML file, e.g. recipes/cpu_tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override recipe values, type-checked like the file (e.g. compare.seeds=5)")
+    args = parser.parse_args(argv)
+    from frugal_spin.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from frugal_spin.ui import quiet_libraries
+
+    quiet_libraries()
+    from frugal_spin.compare import run_compare
+
+    run_compare(recipe, command=" ".join(["python -m frugal_spin compare", args.recipe, *args.overrides]))
+    return 0
+
+
+SUBCOMMANDS = {"report": report_main, "plan": plan_main, "compare": compare_main}
 
 
 def main(argv: list[str] | None = None) -> int:

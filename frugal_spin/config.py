@@ -120,14 +120,32 @@ class SFTConfig(TrainConfig):
 @dataclass
 class SpinConfig(TrainConfig):
     iterations: int = 2
-    beta: float = 0.1
+    # One value for every iteration, or a list with one value per iteration (training of iteration t uses
+    # beta[t]). Evaluations always score the anchor pairs with the first value, so their SPIN loss stays
+    # comparable across iterations and with the continued-SFT arms of `compare`.
+    beta: float | list[float] = 0.1
+    # The SPIN paper trains iteration t on the pairs of iterations t-1 and t: when on, iteration t >= 1 also
+    # trains on iteration t-1's pairs, scored again by iteration t's opponent (see Run._score_previous_pairs).
+    mix_previous_pairs: bool = False
 
     def validate(self, section: str) -> None:
         super().validate(section)
         if self.iterations < 0:
             raise UserError(f"spin.iterations must be >= 0, got {self.iterations}")
-        if self.beta <= 0:
+        if isinstance(self.beta, list):
+            if not self.beta:
+                raise UserError("spin.beta is an empty list: give one number or one value per iteration")
+            if len(self.beta) != self.iterations:
+                raise UserError(f"spin.beta lists one value per iteration: got {len(self.beta)} values for "
+                                f"spin.iterations={self.iterations}")
+            if any(b <= 0 for b in self.beta):
+                raise UserError(f"spin.beta values must be > 0, got {self.beta}")
+        elif self.beta <= 0:
             raise UserError(f"spin.beta must be > 0, got {self.beta}")
+
+    def beta_at(self, t: int) -> float:
+        """The beta of iteration `t` (0-based); `beta_at(0)` is also the evaluation's beta."""
+        return self.beta[t] if isinstance(self.beta, list) else self.beta
 
 
 @dataclass
@@ -137,9 +155,13 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 32
+    # Opponent answers sampled per training prompt; each makes its own pair with the prompt's real answer, so
+    # pairs.jsonl holds answers_per_prompt rows per prompt, one after another. Not used for the anchor pairs.
+    answers_per_prompt: int = 1
 
     def validate(self) -> None:
         _positive("generation.max_new_tokens", self.max_new_tokens)
+        _positive("generation.answers_per_prompt", self.answers_per_prompt)
         _positive("generation.batch_size", self.batch_size)
         if self.temperature < 0:
             raise UserError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -169,6 +191,32 @@ class ProfileConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`python -m frugal_spin compare`: LoRA-SPIN against continued LoRA-SFT (see compare.py)."""
+    seeds: int = 3
+    equal_time_threshold: float = 0.2
+    # Learning rate of the continued-SFT arms; 0 = sft.learning_rate (continue SFT as the recipe does SFT).
+    sft_arm_learning_rate: float = 0.0
+    # Optional lm-evaluation-harness tasks scored at the SFT point and after every arm's last block (lm_eval_hook.py).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int = 0  # examples per task; 0 = all
+    lm_eval_include_path: str = ""  # a directory of extra task YAML files (local data), "" = the registry only
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise UserError(f"compare.seeds must be >= 1, got {self.seeds}")
+        if self.equal_time_threshold < 0:
+            raise UserError(f"compare.equal_time_threshold must be >= 0, got {self.equal_time_threshold}")
+        if self.sft_arm_learning_rate < 0:
+            raise UserError(f"compare.sft_arm_learning_rate must be >= 0 (0 = sft.learning_rate), "
+                            f"got {self.sft_arm_learning_rate}")
+        if self.lm_eval_limit < 0:
+            raise UserError(f"compare.lm_eval_limit must be >= 0 (0 = all), got {self.lm_eval_limit}")
+        if self.lm_eval_include_path and not Path(self.lm_eval_include_path).expanduser().is_dir():
+            raise UserError(f"compare.lm_eval_include_path {self.lm_eval_include_path} is not a directory")
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/cpu_tiny"
     seed: int = 0
@@ -180,6 +228,7 @@ class Recipe:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> None:
         if not self.output_dir.strip():
@@ -192,6 +241,7 @@ class Recipe:
         self.generation.validate()
         self.eval.validate()
         self.profile.validate()
+        self.compare.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,6 +274,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

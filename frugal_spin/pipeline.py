@@ -126,7 +126,7 @@ class Run:
         def attempt(c: TrainConfig) -> TrainResult:
             with ui.stage_bar(stage.replace(".", " "), total_optimizer_steps(len(lengths), c), "steps") as advance:
                 return train_adapter(self.model, self.runtime, c, lengths, step, seed=seed,
-                                     on_step=_absolute_progress(advance), checkpoint_dir=checkpoint_dir,
+                                     on_step=absolute_progress(advance), checkpoint_dir=checkpoint_dir,
                                      fingerprint=fp, stage=stage,
                                      **self._trace("sft" if section == "sft" else "spin", stage.split(".")[0]))
 
@@ -159,7 +159,9 @@ class Run:
     def make_anchor(self, sft_fp: str) -> str:
         """Held-out prompts answered by the SFT model and scored by it: the fixed opponent of every evaluation."""
         r = self.recipe
-        fp = fingerprint("anchor", sft_fp, asdict(r.generation))
+        # One answer per held-out prompt whatever answers_per_prompt says, so that knob leaves the anchor alone.
+        generation = {k: v for k, v in asdict(r.generation).items() if k != "answers_per_prompt"}
+        fp = fingerprint("anchor", sft_fp, generation)
         pairs_path = self.run_dir / "eval" / "anchor_pairs.jsonl"
         logps_path = self.run_dir / "eval" / "anchor_logps.safetensors"
         if self.store.completed("anchor", fp):
@@ -180,7 +182,7 @@ class Run:
 
     def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
         r = self.recipe
-        fp = fingerprint("eval", adapter_fp, anchor_fp, asdict(r.eval), r.spin.beta)
+        fp = fingerprint("eval", adapter_fp, anchor_fp, asdict(r.eval), r.spin.beta_at(0))
         if self.store.completed(name, fp):
             return
         load_adapter_weights(self.model, adapter_dir)
@@ -198,7 +200,7 @@ class Run:
             metrics.update(anchor_spin_metrics(
                 self.model, [a["prompt_ids"] for a in anchor], [a["real_ids"] for a in anchor],
                 [a["generated_ids"] for a in anchor], anchor_logps["real"], anchor_logps["generated"],
-                beta=r.spin.beta, pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk))
+                beta=r.spin.beta_at(0), pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk))
             advance()
             if r.data.dataset == BUILTIN_DATASET:
                 from frugal_spin.tasks.arithmetic import is_correct
@@ -230,14 +232,23 @@ class Run:
         if not self.store.completed(f"iter_{t}.score", score_fp):
             self._score_iteration(t, pairs_path, logps_path, score_fp)
 
-        train_fp = fingerprint("spin-train", score_fp, {k: v for k, v in asdict(r.spin).items() if k != "iterations"})
+        previous_fp = self._score_previous_pairs(t, opponent) if r.spin.mix_previous_pairs and t > 0 else None
+        beta = r.spin.beta_at(t)
+        # Only this iteration's beta and (when mixing) the previous pairs' scores count: changing the beta of a
+        # later iteration, or mixing (which starts at iteration 1), leaves iteration 0 alone.
+        settings = {k: v for k, v in asdict(r.spin).items() if k not in ("iterations", "beta", "mix_previous_pairs")}
+        train_fp = fingerprint("spin-train", score_fp, previous_fp, settings, beta)
         adapter_dir = it_dir / "adapter"
         if self.store.completed(f"iter_{t}.train", train_fp):
             return train_fp
         rows = read_jsonl(pairs_path)
         cache = read_safetensors(logps_path)
+        if previous_fp is not None:
+            rows += read_jsonl(self.run_dir / f"iter_{t - 1}" / "pairs.jsonl")
+            previous = read_safetensors(it_dir / "previous_pairs_logps.safetensors")
+            cache = {key: torch.cat([cache[key], previous[key]]) for key in ("real", "generated")}
         step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], [x["real_ids"] for x in rows],
-                            [x["generated_ids"] for x in rows], cache["real"], cache["generated"], r.spin.beta,
+                            [x["generated_ids"] for x in rows], cache["real"], cache["generated"], beta,
                             self.pad_id, self.chunk, self.runtime.device)
         lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
         with StageMeter(self.runtime.device) as meter:
@@ -246,12 +257,45 @@ class Run:
         save_adapter(self.model, adapter_dir)
         crash_point(f"iter_{t}.train.saved")
         self.store.complete(f"iter_{t}.train", train_fp, "train",
-                            {**result.summary(), **_batching(used), "tokens_per_s": result.tokens / meter.wall_s,
-                             **meter.memory, "loss_curve": result.losses,
-                             "margin_curve": result.metrics.get("reward_margin", [])},
+                            {**result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
+                             "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
+                             "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
                             meter.wall_s, outputs=[adapter_dir])
         remove_checkpoint(it_dir / "checkpoint")
         return train_fp
+
+    def _score_previous_pairs(self, t: int, opponent: str) -> str:
+        """Score iteration t-1's pairs with iteration t's opponent (loaded by the caller) into
+        iter_<t>/previous_pairs_logps.safetensors (same layout as opponent_logps), once; return the fingerprint.
+
+        The SPIN paper's loss for iteration t uses the *current* opponent p_theta_t as the reference of every pair
+        it trains on, the previous iteration's pairs included; the cache of iteration t-1 holds p_theta_{t-1}'s
+        log-probs, which would make those pairs pull the player towards a stale reference."""
+        previous_pairs_fp = self.store.expected.get(f"iter_{t - 1}.generate")
+        if previous_pairs_fp is None:  # pragma: no cover - execute() runs the iterations in order
+            raise RuntimeError(f"iteration {t - 1} has not been generated in this run")
+        fp = fingerprint("score-previous", opponent, previous_pairs_fp)
+        path = self.run_dir / f"iter_{t}" / "previous_pairs_logps.safetensors"
+        if self.store.completed(f"iter_{t}.score_previous", fp):
+            return fp
+        rows = read_jsonl(self.run_dir / f"iter_{t - 1}" / "pairs.jsonl")
+        g = self.recipe.generation
+        with StageMeter(self.runtime.device) as meter, \
+                ui.stage_bar(f"iter_{t} score previous", 2 * len(rows), "sequences") as advance:
+            logps = {key: score_responses(self.model, [(x["prompt_ids"], x[f"{key}_ids"]) for x in rows],
+                                          pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
+                                          on_batch=advance)
+                     for key in ("real", "generated")}
+        previous_pairs = self.run_dir / f"iter_{t - 1}" / "pairs.jsonl"
+        write_safetensors(path, logps, metadata={"fingerprint": fp,
+                                                 "pairs_sha256": file_digest(previous_pairs)["sha256"]})
+        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+        self.store.complete(f"iter_{t}.score_previous", fp, "score", {
+            "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
+            "opponent_real_logp_mean": logps["real"].mean().item(),
+            "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
+            outputs=[path])
+        return fp
 
     def _trace(self, kind: str, stage: str) -> dict[str, Any]:
         if self.recipe.profile.trace != kind:
@@ -260,7 +304,9 @@ class Run:
 
     def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str) -> None:
         log_path = pairs_path.with_name("answers.partial.jsonl")
-        rows, gen = self._generate(f"iter_{t}", self.train, self.train_examples,
+        k = self.recipe.generation.answers_per_prompt  # k answers per prompt = k pairs, one after another
+        rows, gen = self._generate(f"iter_{t}", [e for e in self.train for _ in range(k)],
+                                   [e for e in self.train_examples for _ in range(k)],
                                    seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path)
         write_jsonl(pairs_path, rows)
         crash_point(f"iter_{t}.generate.written")
@@ -354,7 +400,7 @@ class Run:
         return records
 
 
-def _absolute_progress(advance):
+def absolute_progress(advance):
     """train_adapter reports optimizer steps done so far (a resumed stage starts past 0); the bar advances by deltas."""
     done = [0]
 

@@ -41,12 +41,13 @@ fp16/bf16, 4 for fp32):
   input (b H per token) and one layer at a time is recomputed in backward with everything above.
   Outside the layers: the final norm's fp32 input (4H per token) and the chunked log-prob's hidden-gradient
   buffer (`logprobs._ChunkedTokenLogprobs`, eager path: [response tokens, H] fp32).
-- Transients at the peak, whichever is larger: (a) the log-prob head at the end of forward: one
+- Transients at the peak, whichever is larger: (a) the log-prob head at the end of forward (the frozen head's
+  d out / d hidden is taken there, so with gradient checkpointing no recomputed layer coexists with it): one
   [min(chunk, response tokens), V] fp32 logits buffer (+ its half-precision product for a half head), the
   gathered response rows (b H each) and the final hidden state (b H per token); (b) backward through one layer:
   the dequantised weight of the largest linear layer (bitsandbytes dequantises one layer at a time) and two
   gradient buffers of the MLP width, 2 I b per token (the layer's saved tensors are freed as its backward runs,
-  so little more coexists; measured).
+  so little more coexists; measured); with gradient checkpointing also that layer's recomputed activations.
 - Training sequences: SFT max_prompt_tokens + max_answer_tokens; SPIN two sequences per pair, prompt +
   max(max_answer_tokens, generation.max_new_tokens). Response tokens = answer tokens of every sequence.
 - Generation: KV cache 2 * layers * kv_heads * head_dim * (prompt + new tokens) * batch * b, plus at the peak
@@ -335,19 +336,26 @@ def _train_stage(name: str, shape: ModelShape, recipe: Recipe, target: Target, s
     masked = seqs > 1  # one sequence has no padding, so transformers drops the mask
     per_layer = layer_activation_bytes_per_token(shape, recipe, b, masked)
     mask_per_layer = seqs * seq_len * seq_len * b if masked else 0
-    if target.checkpointing:
-        saved = tokens * (L * b * h + per_layer) + mask_per_layer + (seqs * seq_len * seq_len if masked else 0)
-    else:
-        saved = tokens * L * per_layer + L * mask_per_layer
-    saved += tokens * 4 * h  # final norm's fp32 input
     largest = max(a * o for a, o in shape.linears().values())
-    backward = tokens * 2 * shape.intermediate_size * b + largest * b
+    backward = tokens * 2 * shape.intermediate_size * b + largest * b  # one layer's backward transient
     chunk = min(recipe.model.logprob_chunk_size, response_tokens)
+    # The frozen head's chunk buffers live in the *forward* pass (d out / d hidden is taken there, see logprobs.py).
     head = chunk * shape.vocab_size * 4 + chunk * shape.vocab_size * (b if b < 4 else 0) \
         + response_tokens * b * h + tokens * b * h
-    hidden_grad = response_tokens * 4 * h
-    activations = saved + (backward if backward > head else 0)
-    logits = hidden_grad + (head if head >= backward else 0)
+    hidden_grad = response_tokens * 4 * h  # kept from the forward to the backward
+    final_norm = tokens * 4 * h  # the final norm's fp32 input
+    if target.checkpointing:
+        # Saved through both passes: each layer's input and the shared masks. One layer's recomputed activations
+        # exist only during its backward, when the head's buffers are gone: the peak is the larger of the two.
+        inputs = tokens * L * b * h + mask_per_layer + (seqs * seq_len * seq_len if masked else 0) + final_norm
+        recompute = tokens * per_layer + backward
+        activations = inputs + (recompute if recompute > head else 0)
+        logits = hidden_grad + (head if head >= recompute else 0)
+    else:
+        # Every layer's activations are saved in the forward, so they coexist with the head's buffers.
+        saved = tokens * L * per_layer + L * mask_per_layer + final_norm
+        activations = saved + (backward if backward > head else 0)
+        logits = hidden_grad + (head if head >= backward else 0)
     return StageEstimate(name, {
         "weights": weight_bytes(shape, recipe, b),
         "adapter+optimizer": adapter_bytes(shape, recipe, target, training=True),

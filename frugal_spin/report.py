@@ -53,7 +53,9 @@ EVAL_KEYS = ("heldout_nll", "spin_loss", "reward_margin", "reward_accuracy", "ex
 TRAIN_KEYS = ("optimizer_steps", "train_loss", "train_reward_margin", "train_reward_accuracy")
 # Keys that are per-stage cost (reported in their own columns) or bulky lists: not repeated under "metrics".
 _COST_KEYS = {"tokens", "tokens_per_s", "peak_mem_gib", "peak_reserved_gib", "peak_rss_gib"}
-_ITER_STAGE = re.compile(r"^iter_(\d+)\.(generate|score|train|eval)$")
+_ITER_STAGE = re.compile(r"^iter_(\d+)\.(generate|score|score_previous|train|eval)$")
+# The continued-SFT arms of `compare` train and evaluate in blocks matched to the SPIN iterations.
+_BLOCK_STAGE = re.compile(r"^block_(\d+)\.(train|eval)$")
 LOG2 = math.log(2.0)
 
 # Phase roles pick the colour of a bar and say which phases are the brief's own.
@@ -142,11 +144,15 @@ def _phase_of(stage: str) -> tuple[str, str]:
     m = _ITER_STAGE.match(stage)
     if m:
         t, step = m.groups()
-        if step in ("generate", "score"):
+        if step in ("generate", "score", "score_previous"):  # all three prepare the opponent's data
             return f"iter{t} generate", "generate"
         if step == "train":
             return f"iter{t}", "spin"
         return f"iter{t} eval", "eval"
+    m = _BLOCK_STAGE.match(stage)
+    if m:
+        t, step = m.groups()
+        return (f"SFT block{t}", "sft") if step == "train" else (f"block{t} eval", "eval")
     return stage, "other"
 
 
