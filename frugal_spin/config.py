@@ -37,7 +37,7 @@ class ModelConfig:
     # backward go to pinned CPU memory as they are saved and come back when backward needs them
     # (torch.autograd.graph.save_on_cpu). Frees their GPU memory for long sequences at the cost of PCIe copies.
     offload_activations: bool = False
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = 256
     trust_remote_code: bool = False
 
     def validate(self) -> None:

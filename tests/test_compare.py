@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMALL_BASE
 from frugal_spin import tiny_base
 from frugal_spin.__main__ import main
 from frugal_spin.comparison import arm_difference, hypothesis_verdict, mean_std
@@ -20,7 +21,6 @@ from frugal_spin.train import total_optimizer_steps
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")
-SMALL_BASE = tiny_base.TinyBaseSpec(pretrain_steps=60)
 TINY = ["data.fraction=0.05", "data.eval_size=24", "sft.epochs=1", "generation.max_new_tokens=16",
         "generation.batch_size=32", "eval.max_new_tokens=16", "eval.batch_size=32"]
 COMPARE = TINY + ["spin.iterations=2", "compare.seeds=2"]
@@ -34,8 +34,10 @@ def _main(cache: Path, args: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("compare")
+def root(tmp_path_factory, small_base_cache):
+    root = tmp_path_factory.mktemp("compare")
+    (root / "cache").symlink_to(small_base_cache)  # the session's small base (conftest.py), built once
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,8 @@ def test_unknown_model_offline_and_hub_failure_are_user_errors(monkeypatch):
         resolve_model_shape("someone/unknown-model")
 
 
-def _big_recipe(micro_batch: int) -> Recipe:
-    return _recipe(model={"name": "Qwen/Qwen2.5-1.5B-Instruct"},
+def _big_recipe(micro_batch: int, chunk: int = 1024) -> Recipe:
+    return _recipe(model={"name": "Qwen/Qwen2.5-1.5B-Instruct", "logprob_chunk_size": chunk},
                    data={"max_prompt_tokens": 512, "max_answer_tokens": 1024},
                    sft={"micro_batch_size": micro_batch}, spin={"micro_batch_size": 2},
                    generation={"max_new_tokens": 1024, "batch_size": 64}, eval={"batch_size": 64})
@@ -112,6 +112,12 @@ def test_fits_on_h100_not_on_t4_for_a_15b_recipe():
     spin = h100.stage("spin_train")
     assert spin.parts["logits"] == 1024 * v * (4 + 2) + 4096 * 2 * h + 6144 * 2 * h + 4096 * 4 * h
     assert spin.parts["kv_cache"] == 0 and h100.stage("generate").parts["kv_cache"] > 0
+    # At chunk 256 the head's buffers (forward) are smaller than one checkpointed layer's recomputation
+    # (backward), which then sets the peak; the two never coexist.
+    small = estimate(_big_recipe(64, chunk=256), shape, "h100").stage("spin_train")
+    assert small.parts["logits"] == 4096 * 4 * h
+    assert small.parts["activations"] > spin.parts["activations"]
+    assert small.total_bytes < spin.total_bytes
 
 
 def test_target_resolution_errors_and_defaults():
