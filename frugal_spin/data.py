@@ -1,7 +1,8 @@
 """Data: load prompt/answer pairs, format them with the tokenizer's chat template, tokenise, batch.
 
 Inputs: `data.dataset` is the built-in task (`builtin:arithmetic`), a local `.jsonl`/`.json`/`.parquet` file, a hub
-dataset id, or a local directory holding a downloaded hub dataset (its `data.split`/`data.eval_split` are used); rows are chat data in the ultrachat_200k schema (`messages`: a list of `{role, content}`).
+dataset id, or a local directory holding a downloaded hub dataset (its `data.split`/`data.eval_split` are used);
+rows are chat data in the ultrachat_200k schema (`messages`: a list of `{role, content}`).
 Outputs: `Example`s (prompt text, real answer text) and `Encoded` token ids, and padded tensor batches.
 
 As in SPIN, the prompt is the first user turn and the real answer the first assistant turn; with `data.multi_turn`

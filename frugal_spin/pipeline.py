@@ -93,7 +93,8 @@ class Run:
             crash_point("setup")
         self.store.complete("setup", self.data_fp, "setup", {
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
-            "device": str(self.runtime.device), "backend": self.runtime.backend, "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
+            "device": str(self.runtime.device), "backend": self.runtime.backend,
+            "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
             "gradient_checkpointing": self.runtime.gradient_checkpointing, **meter.memory}, meter.wall_s)
 
     # ------------------------------------------------------------ stages
@@ -132,7 +133,7 @@ class Run:
 
         try:
             return train_with_oom_retry(attempt, self.model, cfg, allow_halving=cfg.oom_halving, stage=stage,
-                                        advice=lambda: self._oom_advice(section, cfg),
+                                        advice=lambda: self._oom_advice(section),
                                         on_retry=lambda: remove_checkpoint(checkpoint_dir))
         except NonFiniteStreak as exc:
             if all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
@@ -141,7 +142,7 @@ class Run:
                 raise UserError(f"{exc}; the last good adapter is in {last_good}") from None
             raise UserError(f"{exc}; the weights are not finite, the last checkpoint is in {checkpoint_dir}") from None
 
-    def _oom_advice(self, section: str, cfg: TrainConfig) -> str:
+    def _oom_advice(self, section: str) -> str:
         """What the planner says fits this GPU, or how to ask it."""
         how = (f"Lower {section}.micro_batch_size (raising {section}.grad_accum_steps keeps the effective batch), "
                f"or set {section}.oom_halving=true; `python -m frugal_spin plan RECIPE --gpu ...` estimates what fits")
@@ -378,7 +379,8 @@ class Run:
             pass
         # Training stages handle their own OOM (train.train_with_oom_retry); this is generation, scoring or eval.
         raise UserError(f"CUDA out of memory in {self.activity}: lower generation.batch_size (generation and "
-                        f"scoring) or eval.batch_size; `python -m frugal_spin plan RECIPE --gpu ...` estimates what fits")
+                        f"scoring) or eval.batch_size; `python -m frugal_spin plan RECIPE --gpu ...` estimates what "
+                        f"fits")
 
     def _execute(self) -> list[dict[str, Any]]:
         r = self.recipe
