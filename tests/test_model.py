@@ -113,3 +113,37 @@ def test_runtime_on_cpu():
         assert runtime.gradient_checkpointing is False and runtime.autocast_dtype is None
         with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_runtime(ModelConfig(device="cuda"))
+
+
+def test_bitsandbytes_cpu_dequantiser_bug_is_still_there():
+    """Why `cpu_nf4_misdequantised_layers` exists. When this fails, bitsandbytes fixed its CPU kernel: drop the
+    workaround in model.py (and this test)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    native = F.dequantize_4bit(packed, state)
+    generic = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(), state.code, 64, (64, 96),
+                                       torch.float32)
+    assert (native - generic).abs().max() > 0.01
+    assert (generic - w).abs().max() < 0.02  # the generic path is a correct NF4 dequantisation
+
+
+def test_layers_the_cpu_kernel_gets_wrong_stay_unquantised(tmp_path, capsys):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(name=str(tmp_path / "m"), device="cpu")
+    model = load_base_model(str(tmp_path / "m"), cfg, resolve_runtime(cfg))
+    layer = model.model.layers[0]
+    # inputs of 96 (q/k/v/o, gate/up) stay fp32; down_proj's input of 192 = 3 x 64 is quantised as usual
+    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+        assert type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
+    assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert "keeping 6 such layers in float32" in capsys.readouterr().err
+    model = attach_lora(model, LoraSection(r=4))
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
