@@ -126,8 +126,8 @@ def test_bitsandbytes_cpu_dequantiser_bug_is_still_there():
     native = F.dequantize_4bit(packed, state)
     generic = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(), state.code, 64, (64, 96),
                                        torch.float32)
-    assert (native - generic).abs().max() > 0.01
-    assert (generic - w).abs().max() < 0.02  # the generic path is a correct NF4 dequantisation
+    native_error, generic_error = (native - w).abs().max(), (generic - w).abs().max()
+    assert native_error > 2 * generic_error  # the generic path's error is NF4's own quantisation error
 
 
 def test_layers_the_cpu_kernel_gets_wrong_stay_unquantised(tmp_path, capsys):

@@ -2,6 +2,7 @@
 every cell run by a real kernel (nbclient), so the notebook cannot silently rot."""
 
 import json
+import sys
 from pathlib import Path
 
 import nbformat
@@ -26,7 +27,7 @@ def test_notebook_defaults_are_the_colab_recipe():
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code")  # stored clean
 
 
-def test_notebook_runs_the_cpu_recipe_end_to_end(tmp_path, small_base_cache):
+def test_notebook_runs_the_cpu_recipe_end_to_end(tmp_path, small_base_cache, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     run_dir = tmp_path / "run"
     overrides = [f"output_dir={run_dir}", "data.fraction=0.03", "data.eval_size=16", "spin.iterations=1",
@@ -44,7 +45,16 @@ def test_notebook_runs_the_cpu_recipe_end_to_end(tmp_path, small_base_cache):
         SMALL_BASE_PATCH,
     ]))
     nb.cells.insert(_parameters_cell_index(nb) + 1, injected)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # A kernel spec of our own that runs this very interpreter: the stock "python3" spec runs whatever `python` is
+    # first on PATH, which in a virtual environment that is not activated is another Python without the package.
+    spec_dir = tmp_path / "jupyter" / "kernels" / "frugal_spin_test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "frugal_spin test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    NotebookClient(nb, timeout=600, kernel_name="frugal_spin_test",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["complete"] and [s["stage"] for s in report["stages"]][-1] == "iter_0.eval"
