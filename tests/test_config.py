@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,19 @@ def test_every_recipe_loads_and_dry_runs_offline(path, capsys, monkeypatch, tmp_
     printed = recipe_from_dict(yaml.safe_load(out.split("# model:")[0]))
     assert printed.to_dict() == recipe.to_dict()  # the printed recipe is the resolved one
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_spells_out_every_knob_with_a_comment(path):
+    def leaves(d, prefix=""):
+        return {k for key, value in d.items()
+                for k in (leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
+
+    assert leaves(yaml.safe_load(path.read_text())) == leaves(Recipe().to_dict())
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[a-z_]+:\s*[^\s#]", line):  # a key with a value (section headers have none)
+            assert "#" in line or lines[i - 1].lstrip().startswith("#"), f"{path.name}:{i + 1} has no comment"
 
 
 def test_recipes_directory_is_not_empty():
