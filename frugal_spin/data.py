@@ -119,10 +119,15 @@ def _examples(rows: Iterable[dict[str, Any]], counts: Counter, multi_turn: bool)
     return out
 
 
-def _sample(rows: list[Any], n: int, seed: int) -> list[Any]:
+def _sample(rows: Sequence[Any], n: int, seed: int) -> list[Any]:
+    """A seeded sample of n rows (all of them if n >= len), from a list or a `datasets.Dataset`: the indices are
+    drawn as `random.sample` draws them, so both give the same rows, and a Dataset converts only those rows."""
     if n >= len(rows):
         return list(rows)
-    return random.Random(seed).sample(rows, n)
+    indices = random.Random(seed).sample(range(len(rows)), n)
+    if isinstance(rows, list):
+        return [rows[i] for i in indices]
+    return list(rows.select(indices))
 
 
 def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
@@ -143,6 +148,7 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         name = str(Path(cfg.dataset).expanduser()) if is_local_path(cfg.dataset) else cfg.dataset
         train_rows = _load_hub(name, cfg.split)
         heldout_rows = _sample(_load_hub(name, cfg.eval_split), cfg.eval_size, seed)
+    # Only the sampled rows become Python objects: ultrachat_200k's train split is 208k conversations.
     train_rows = _sample(train_rows, max(1, round(cfg.fraction * len(train_rows))), seed)
     train = _examples(train_rows, counts, cfg.multi_turn)
     heldout = _examples(heldout_rows, counts, cfg.multi_turn)
@@ -203,15 +209,15 @@ def _datasets_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, split: str):
+    """The split as a `datasets.Dataset` (memory-mapped Arrow: rows become Python objects only when sampled)."""
     import datasets
 
     try:
         with _datasets_quiet():
-            ds = datasets.load_dataset(name, split=split)
+            return datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown id or split: the user must fix the recipe or the network
         raise UserError(f"data.dataset: cannot load {name!r} split {split!r}: {' '.join(str(exc).split())[:300]}")
-    return list(ds)
 
 
 # ---------------------------------------------------------------- tokenising

@@ -201,3 +201,13 @@ def test_multi_turn_skips_conversations_without_an_answered_user_turn():
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
     assert example_from_row(row, counts, multi_turn=True) is None
     assert counts == Counter({"skipped_no_answer": 1})
+
+
+def test_sampling_a_dataset_gives_the_rows_sampling_the_list_gives():
+    import datasets
+
+    from frugal_spin.data import _sample
+
+    rows = _ultrachat_rows(50)
+    assert _sample(datasets.Dataset.from_list(rows), 7, seed=5) == _sample(rows, 7, seed=5)
+    assert len({r["prompt_id"] for r in _sample(rows, 7, seed=5)}) == 7
