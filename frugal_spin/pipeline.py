@@ -8,9 +8,10 @@ exactly what was used.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
-from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl, write_safetensors, write_text
+from frugal_spin.io import read_jsonl, read_safetensors, write_json, write_jsonl, write_safetensors, write_text
 from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
                                resolve_base_path, resolve_runtime, save_adapter)
 from frugal_spin.profiler import StageMeter
@@ -117,12 +118,24 @@ class Run:
                                                   **meter.memory, "loss_curve": result.losses}, meter.wall_s,
                             outputs=[adapter_dir])
         remove_checkpoint(self.run_dir / "sft" / "checkpoint")
+        (self.run_dir / "sft" / "oom_batching.json").unlink(missing_ok=True)
         return fp
 
     def _train(self, stage: str, cfg: TrainConfig, section: str, fp: str, lengths: list[int], step: StepFn,
                seed: int, stage_dir: Path) -> tuple[TrainResult, TrainConfig]:
-        """One training stage with checkpoints in `stage_dir/checkpoint`, OOM handling and the NaN-streak stop."""
-        checkpoint_dir = stage_dir / "checkpoint"
+        """One training stage with checkpoints in `stage_dir/checkpoint`, OOM handling and the NaN-streak stop.
+
+        A micro-batch halved after an out-of-memory error is remembered in `stage_dir/oom_batching.json` (with the
+        stage fingerprint), so a resumed stage starts at the size that fit and can use its checkpoints."""
+        checkpoint_dir, batching_file = stage_dir / "checkpoint", stage_dir / "oom_batching.json"
+        remembered = _read_json(batching_file)
+        if remembered.get("fingerprint") == fp:
+            cfg = replace(cfg, micro_batch_size=remembered["micro_batch_size"],
+                          grad_accum_steps=remembered["grad_accum_steps"])
+
+        def on_retry(smaller: TrainConfig) -> None:
+            remove_checkpoint(checkpoint_dir)
+            write_json(batching_file, {"fingerprint": fp, **_batching(smaller)})
 
         def attempt(c: TrainConfig) -> TrainResult:
             with ui.stage_bar(stage.replace(".", " "), total_optimizer_steps(len(lengths), c), "steps") as advance:
@@ -134,7 +147,7 @@ class Run:
         try:
             return train_with_oom_retry(attempt, self.model, cfg, allow_halving=cfg.oom_halving, stage=stage,
                                         advice=lambda: self._oom_advice(section),
-                                        on_retry=lambda: remove_checkpoint(checkpoint_dir))
+                                        on_retry=on_retry)
         except NonFiniteStreak as exc:
             if all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
                 last_good = stage_dir / "last_good_adapter"
@@ -263,6 +276,7 @@ class Run:
                              "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
                             meter.wall_s, outputs=[adapter_dir])
         remove_checkpoint(it_dir / "checkpoint")
+        (it_dir / "oom_batching.json").unlink(missing_ok=True)
         return train_fp
 
     def _score_previous_pairs(self, t: int, opponent: str) -> str:
@@ -411,6 +425,13 @@ def absolute_progress(advance):
         done[0] = steps
 
     return on_step
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _batching(cfg: TrainConfig) -> dict[str, int]:

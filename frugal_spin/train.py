@@ -196,10 +196,11 @@ def train_adapter(
 
 def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg: TrainConfig, *,
                          allow_halving: bool, stage: str, advice: Callable[[], str],
-                         on_retry: Callable[[], None]) -> tuple[TrainResult, TrainConfig]:
+                         on_retry: Callable[[TrainConfig], None]) -> tuple[TrainResult, TrainConfig]:
     """`train(cfg)`, and on CUDA out-of-memory either a clear error with what the planner suggests or, when the
     recipe allows it, the same stage again from its starting weights with half the micro-batch and twice the
-    gradient accumulation (the same effective batch and number of optimizer steps)."""
+    gradient accumulation (the same effective batch and number of optimizer steps); `on_retry(smaller_cfg)` runs
+    before each retry (to drop the failed attempt's checkpoint and remember the smaller batching)."""
     initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     while True:
         try:
@@ -221,7 +222,7 @@ def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg
             for name, param in model.named_parameters():
                 if name in initial:
                     param.copy_(initial[name])
-        on_retry()
+        on_retry(smaller)
         cfg = smaller
 
 

@@ -154,8 +154,8 @@ def test_oom_halves_the_micro_batch_keeping_the_effective_batch(capsys):
     retries = []
     result, used = train_with_oom_retry(
         lambda c: train_adapter(model, CPU, c, [8] * len(examples), step, seed=0), model, cfg,
-        allow_halving=True, stage="sft", advice=lambda: "", on_retry=lambda: retries.append(1))
-    assert (used.micro_batch_size, used.grad_accum_steps) == (2, 4) and len(retries) == 2
+        allow_halving=True, stage="sft", advice=lambda: "", on_retry=lambda c: retries.append(c.micro_batch_size))
+    assert (used.micro_batch_size, used.grad_accum_steps) == (2, 4) and retries == [4, 2]
     assert result.optimizer_steps == 4  # as many as the recipe's 8 x 1 would have made
     assert capsys.readouterr().err.count("CUDA out of memory") == 2
 
@@ -176,7 +176,7 @@ def test_oom_without_halving_is_one_clear_error():
     with pytest.raises(UserError, match="sft: CUDA out of memory at micro_batch_size 4. lower it") as info:
         train_with_oom_retry(lambda c: train_adapter(model, CPU, c, [8] * len(examples), step, seed=0), model,
                              cfg, allow_halving=False, stage="sft", advice=lambda: "lower it",
-                             on_retry=lambda: None)
+                             on_retry=lambda c: None)
     assert "\n" not in str(info.value)
 
 
@@ -254,3 +254,48 @@ def test_cuda_oom_outside_training_is_one_line_naming_the_batch_size(tmp_path, m
                        "generation.batch_size (generation and scoring) or eval.batch_size; `python -m frugal_spin "
                        "plan RECIPE --gpu ...` estimates what fits")
     assert (tmp_path / "run" / "stages" / "sft.json").is_file()  # the finished stage is kept
+
+
+def test_a_halved_micro_batch_is_remembered_across_a_crash(tmp_path, monkeypatch, small_base_cache, capsys):
+    """OOM halves SFT's micro-batch 16 -> 8 -> 4; the run is then interrupted; the rerun starts at 4 (no new OOM)
+    from the halved attempt's checkpoint, and the stage records the batching it used."""
+    from conftest import SMALL_BASE
+    from frugal_spin import pipeline, tiny_base
+    from frugal_spin.__main__ import main
+
+    real_step_fn, calls = pipeline.sft_step_fn, {"n": 0, "interrupt_at": 6}
+
+    def small_memory_step_fn(*args, **kwargs):
+        step = real_step_fn(*args, **kwargs)
+
+        def step_with_limits(batch):
+            if len(batch) > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            calls["n"] += 1
+            if calls["n"] == calls["interrupt_at"]:
+                raise KeyboardInterrupt
+            return step(batch)
+
+        return step_with_limits
+
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
+    monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+    monkeypatch.setattr(pipeline, "sft_step_fn", small_memory_step_fn)
+    run_dir = tmp_path / "run"
+    args = [str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={run_dir}", "data.fraction=0.02", "data.eval_size=8",
+            "sft.epochs=1", "sft.micro_batch_size=16", "sft.checkpoint_every_steps=1", "spin.iterations=0"]
+    assert main(args) == 130  # interrupted in the 4 x 4 attempt, after its first checkpoints
+    assert capsys.readouterr().err.count("CUDA out of memory") == 2
+    remembered = json.loads((run_dir / "sft" / "oom_batching.json").read_text())
+    assert (remembered["micro_batch_size"], remembered["grad_accum_steps"]) == (4, 4)
+    assert (run_dir / "sft" / "checkpoint").is_dir()
+
+    calls["interrupt_at"] = -1
+    calls["n"] = 0
+    assert main(args) == 0
+    assert "CUDA out of memory" not in capsys.readouterr().err
+    # 40 examples = 10 micro-batches of 4; the checkpoint after step 1 (4 micro-batches) leaves 6 to run
+    assert calls["n"] == 6
+    sft = json.loads((run_dir / "stages" / "sft.json").read_text())["metrics"]
+    assert (sft["micro_batch_size"], sft["grad_accum_steps"], sft["optimizer_steps"]) == (4, 4, 3)
+    assert not (run_dir / "sft" / "oom_batching.json").exists() and not (run_dir / "sft" / "checkpoint").exists()
