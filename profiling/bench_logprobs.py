@@ -21,7 +21,6 @@ appends rows to profiling/results.csv and rewrites profiling/bench_logprobs.md u
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import statistics
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_vs_trl import CSV_COLUMNS, RESULTS_CSV, device_name, load_average, versions  # noqa: E402
+from bench_vs_trl import CSV_COLUMNS, append_results, device_name, load_average, versions  # noqa: E402
 
 from frugal_spin.kernels import dispatch  # noqa: E402
 from frugal_spin.logprobs import chunked_token_logprobs, reference_token_logprobs  # noqa: E402
@@ -107,21 +106,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], args, device: str, ver: dict[str, str]) -> None:
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            if r["gib"] is None:
-                continue
-            writer.writerow({"date": r["date"], "device": device, **{k: ver[k] for k in CSV_COLUMNS if k in ver},
-                             "bench": "bench_logprobs", "T": r["T"], "tool": r["path"],
-                             "s_per_step": f"{r['seconds']:.4f}", "peak_rss_gib": "",
-                             "notes": f"transient_gib={r['gib']:.4f} (peak live tensor bytes beyond the inputs, "
-                                      f"not RSS); fwd+bwd median of {args.repeats}; vocab {args.vocab}; "
-                                      f"hidden {args.hidden}; {args.dtype}; triton {ver['triton']}; "
-                                      f"1-min load {r['load']}"})
+    out = []
+    for r in rows:
+        if r["gib"] is None:
+            continue
+        out.append({"date": r["date"], "device": device, **{k: ver[k] for k in CSV_COLUMNS if k in ver},
+                    "bench": "bench_logprobs", "T": r["T"], "tool": r["path"],
+                    "s_per_step": f"{r['seconds']:.4f}", "peak_rss_gib": "",
+                    "notes": f"transient_gib={r['gib']:.4f} (peak live tensor bytes beyond the inputs, "
+                             f"not RSS); fwd+bwd median of {args.repeats}; vocab {args.vocab}; "
+                             f"hidden {args.hidden}; {args.dtype}; triton {ver['triton']}; "
+                             f"1-min load {r['load']}"})
+    append_results(out)
 
 
 def main(argv=None) -> None:

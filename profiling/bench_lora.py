@@ -20,7 +20,6 @@ profiling/bench_lora.md unless --no-write.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import statistics
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_vs_trl import CSV_COLUMNS, RESULTS_CSV, device_name, load_average, versions  # noqa: E402
+from bench_vs_trl import CSV_COLUMNS, append_results, device_name, load_average, versions  # noqa: E402
 
 REPORT_MD = HERE / "bench_lora.md"
 TARGET_SPEEDUP = 1.3
@@ -178,22 +177,19 @@ def write_outputs(rows, args, tokens, dtype, device, table, final) -> None:
     except Exception:
         ver["triton"] = "-"
     name = torch.cuda.get_device_name() if device == "cuda" else device_name()
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            timing = (f"peft_ms={r['peft_ms']:.3f} fused_ms={r['fused_ms']:.3f}; " if "peft_ms" in r
-                      else "no timing (CPU); ")
-            interp = f"interpreter rel err {r['interp_err']:.2e}; " if "interp_err" in r else ""
-            writer.writerow({"date": r["date"], "device": name, **{k: ver[k] for k in CSV_COLUMNS if k in ver},
-                             "bench": "bench_lora", "T": tokens, "tool": f"{r['name']} {r['shape']}",
-                             "s_per_step": f"{r['fused_ms'] / 1e3:.5f}" if "fused_ms" in r else "",
-                             "peak_rss_gib": "",
-                             "notes": f"{timing}fused path {r['path']}; max rel err vs peft {r['err']:.2e}; "
-                                      f"{interp}rank {args.rank}; {str(dtype).removeprefix('torch.')}; "
-                                      f"triton {ver['triton']}; 1-min load {r['load']}"})
+    out = []
+    for r in rows:
+        timing = (f"peft_ms={r['peft_ms']:.3f} fused_ms={r['fused_ms']:.3f}; " if "peft_ms" in r
+                  else "no timing (CPU); ")
+        interp = f"interpreter rel err {r['interp_err']:.2e}; " if "interp_err" in r else ""
+        out.append({"date": r["date"], "device": name, **{k: ver[k] for k in CSV_COLUMNS if k in ver},
+                    "bench": "bench_lora", "T": tokens, "tool": f"{r['name']} {r['shape']}",
+                    "s_per_step": f"{r['fused_ms'] / 1e3:.5f}" if "fused_ms" in r else "",
+                    "peak_rss_gib": "",
+                    "notes": f"{timing}fused path {r['path']}; max rel err vs peft {r['err']:.2e}; "
+                             f"{interp}rank {args.rank}; {str(dtype).removeprefix('torch.')}; "
+                             f"triton {ver['triton']}; 1-min load {r['load']}"})
+    append_results(out)
     previous = REPORT_MD.read_text() if REPORT_MD.exists() else ""
     marker = "<!-- analysis -->"
     analysis = previous[previous.index(marker):] if marker in previous else marker + "\n"

@@ -365,22 +365,30 @@ def ratios(results: list[dict]) -> tuple[int, float, float]:
     return top, frugal["s_per_step"] / trl["s_per_step"], frugal["peak_rss"] / trl["peak_rss"]
 
 
-def write_csv(results: list[dict], ver: dict[str, str], device: str) -> None:
+def append_results(rows: list[dict]) -> None:
+    """Append rows (dicts over CSV_COLUMNS) to profiling/results.csv, with the header when the file is new;
+    shared by every benchmark here."""
     new = not RESULTS_CSV.exists()
     with RESULTS_CSV.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         if new:
             writer.writeheader()
-        for r in results:
-            writer.writerow({"date": r["date"], "device": device, **ver, "bench": BENCH_NAME, "T": r["T"],
-                             "tool": r["tool"], "s_per_step": f"{r['s_per_step']:.3f}",
-                             "peak_rss_gib": f"{r['peak_rss'] / GIB:.3f}",
-                             "notes": f"1-min load {r['load_1min']} (1/5/15 at start {r['load_start']}); "
-                                      f"steps {len(r['step_times'])} after {r['warmup']} warm-up x {r['runs']} runs; "
-                                      f"rss_before {r['rss_before'] / GIB:.3f} GiB; "
-                                      f"min {min(r['step_times']):.3f} s/step; "
-                                      f"precompute {r['precompute_s_per_pair']:.2f} s/pair; "
-                                      f"torch threads {r['threads']}"})
+        writer.writerows(rows)
+
+
+def write_csv(results: list[dict], ver: dict[str, str], device: str) -> None:
+    rows = []
+    for r in results:
+        rows.append({"date": r["date"], "device": device, **ver, "bench": BENCH_NAME, "T": r["T"],
+                     "tool": r["tool"], "s_per_step": f"{r['s_per_step']:.3f}",
+                     "peak_rss_gib": f"{r['peak_rss'] / GIB:.3f}",
+                     "notes": f"1-min load {r['load_1min']} (1/5/15 at start {r['load_start']}); "
+                              f"steps {len(r['step_times'])} after {r['warmup']} warm-up x {r['runs']} runs; "
+                              f"rss_before {r['rss_before'] / GIB:.3f} GiB; "
+                              f"min {min(r['step_times']):.3f} s/step; "
+                              f"precompute {r['precompute_s_per_pair']:.2f} s/pair; "
+                              f"torch threads {r['threads']}"})
+    append_results(rows)
 
 
 def write_report(results, command: str, ver, device, top, ratio_time, ratio_mem) -> None:

@@ -62,3 +62,16 @@ def test_frugal_worker_runs_two_steps(tmp_path):
     assert result["peak_rss"] >= result["train_peak_rss"] >= result["rss_before"] > 0
     # Player == opponent at the first step, so the SPIN loss starts at log 2.
     assert abs(result["first_loss"] - 0.6931) < 1e-3
+
+
+def test_results_csv_gets_one_header_and_every_row(tmp_path, monkeypatch):
+    import csv
+
+    bench = _bench()
+    monkeypatch.setattr(bench, "RESULTS_CSV", tmp_path / "results.csv")
+    row = {column: f"{column}-value" for column in bench.CSV_COLUMNS}
+    bench.append_results([row])
+    bench.append_results([row, {**row, "T": "2"}])
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["T"] for r in rows] == ["T-value", "T-value", "2"] and rows[0] == row
