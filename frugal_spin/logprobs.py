@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from frugal_spin.errors import UserError
-from frugal_spin.kernels.dispatch import use_triton
+from frugal_spin.kernels.dispatch import kernel_verified, use_triton
 
 __all__ = [
     "chunked_token_logprobs",
@@ -207,7 +207,7 @@ def chunked_token_logprobs(
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     frozen_head = not weight.requires_grad and not (bias is not None and bias.requires_grad)
-    if frozen_head and use_triton(hidden, weight):
+    if frozen_head and use_triton(hidden, weight) and kernel_verified("logprob", hidden.device):
         # CUDA: the softmax part runs in one Triton kernel per chunk (kernels/logprob.py); same values, same memory.
         from frugal_spin.kernels.logprob import triton_token_logprobs
 

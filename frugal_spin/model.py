@@ -22,8 +22,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import torch
 

@@ -297,3 +297,40 @@ def test_swap_is_skipped_when_unsloth_is_loaded(tmp_path, monkeypatch):
     model = _four_bit_lora_model(tmp_path)
     monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))
     assert use_fused_lora_layers(model) == 0
+
+
+# ---------------------------------------------------------------- first-use self-check (auto mode)
+
+
+@pytest.mark.parametrize("name", ["logprob", "nf4_lora"])
+def test_self_check_passes_for_the_real_kernels(name, monkeypatch):
+    """The check a GPU run does once per device before using a kernel, here on CPU tensors in the interpreter."""
+    monkeypatch.delenv(dispatch.MODE_ENV, raising=False)
+    dispatch._verified.cache_clear()
+    with torch.no_grad():  # the first use may come from no-grad scoring: the check must still run its backward
+        assert dispatch._verified(name, "cpu")
+    dispatch._verified.cache_clear()
+
+
+def test_a_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch, capsys):
+    from frugal_spin.kernels import logprob, nf4_lora
+
+    monkeypatch.delenv(dispatch.MODE_ENV, raising=False)
+    dispatch._verified.cache_clear()
+    real_logprob = logprob.triton_token_logprobs
+    monkeypatch.setattr(logprob, "triton_token_logprobs", lambda *a, **k: real_logprob(*a, **k) + 0.01)
+
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(nf4_lora._FusedNF4LoRA, "apply", broken)
+    assert not dispatch.kernel_verified("logprob", torch.device("cpu"))
+    assert not dispatch.kernel_verified("nf4_lora", torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "Triton kernel logprob differs from its torch reference on cpu (error 1.00e-02" in err
+    assert "Triton kernel nf4_lora failed its self-check on cpu (RuntimeError: out of resources" in err
+    assert not dispatch.kernel_verified("logprob", torch.device("cpu"))  # checked once: no second warning
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(dispatch.MODE_ENV, "force")
+    assert dispatch.kernel_verified("logprob", torch.device("cpu"))  # force is for testing the kernel itself
+    dispatch._verified.cache_clear()

@@ -66,3 +66,24 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         raise ValueError("the Triton log-prob path supports a frozen head only")
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     return _TritonTokenLogprobs.apply(hidden, weight, targets, bias, chunk_size, want_grad)
+
+
+def self_check(device: torch.device) -> tuple[float, float]:
+    """Max abs difference of log-probs and d hidden against full fp32 logits on odd small shapes (fp32), and the
+    tolerance; `dispatch.kernel_verified` runs it once per device before the kernel is used there."""
+    from frugal_spin.logprobs import reference_token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 72, generator=gen).to(device)
+    weight = (torch.randn(1003, 72, generator=gen) * 0.2).to(device)
+    targets = torch.randint(0, 1003, (37,), generator=gen).to(device)
+    upstream = torch.randn(37, generator=gen).to(device)
+    results = []
+    for fn in (lambda h: triton_token_logprobs(h, weight, targets, None, chunk_size=16),
+               lambda h: reference_token_logprobs(h, weight, targets)):
+        h = hidden.clone().requires_grad_()
+        out = fn(h)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), h.grad))
+    (out, grad), (ref_out, ref_grad) = results
+    return max((out - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item()), 1e-3

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from frugal_spin.kernels.dispatch import use_triton
+from frugal_spin.kernels.dispatch import kernel_verified, use_triton
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,33 @@ def fused_lora_linear(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tens
     path would give bias a gradient if it required one, but bias is frozen in LoRA)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {weight.in_features}")
-    if not use_triton(x, weight.packed):
+    if not (use_triton(x, weight.packed) and kernel_verified("nf4_lora", x.device)):
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
     lead = x.shape[:-1]
     y = _FusedNF4LoRA.apply(x.reshape(-1, x.shape[-1]).contiguous(), lora_a, lora_b, bias, weight, float(scale))
     return y.reshape(*lead, weight.out_features)
+
+
+def self_check(device: torch.device) -> tuple[float, float]:
+    """Max difference (relative to the largest reference value) of y, d x, d A and d B against
+    `lora_linear_reference` on an odd small shape in fp32, and the tolerance; run once per device by
+    `dispatch.kernel_verified` before the kernel is used there."""
+    import bitsandbytes.functional as bnb_functional
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(80, 192, generator=gen) / 192**0.5
+    packed, state = bnb_functional.quantize_4bit(w.to(device), blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    weight = NF4Weight.from_bnb(packed, state)
+    inputs = [torch.randn(5, 192, generator=gen), torch.randn(8, 192, generator=gen) / 192**0.5,
+              torch.randn(80, 8, generator=gen) * 0.1]
+    upstream = torch.randn(5, 80, generator=gen).to(device)
+    results = []
+    for fn in (lambda x, a, b: _FusedNF4LoRA.apply(x, a, b, None, weight, 2.0),
+               lambda x, a, b: lora_linear_reference(x, weight, a, b, 2.0)):
+        x, a, b = (t.to(device).requires_grad_() for t in inputs)
+        y = fn(x, a, b)
+        (y * upstream).sum().backward()
+        results.append([y.detach(), x.grad, a.grad, b.grad])
+    return max(((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+               for got, ref in zip(*results)), 1e-3

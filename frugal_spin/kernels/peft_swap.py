@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from frugal_spin.kernels.dispatch import use_triton
+from frugal_spin.kernels.dispatch import kernel_verified, use_triton
 from frugal_spin.kernels.nf4_lora import NF4Weight, fused_lora_linear
 
 
@@ -47,7 +47,7 @@ def _fused_case(layer, x: torch.Tensor, args, kwargs) -> str | None:
     state = getattr(weight, "quant_state", None)
     if state is None or state.quant_type != "nf4" or weight.dtype != torch.uint8:
         return None
-    return name if use_triton(x, weight) else None
+    return name if use_triton(x, weight) and kernel_verified("nf4_lora", x.device) else None
 
 
 def _nf4_weight(layer, param) -> NF4Weight:
