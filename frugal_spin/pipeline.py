@@ -244,7 +244,7 @@ class Run:
         if not self.store.completed(f"iter_{t}.generate", gen_fp):
             self._generate_iteration(t, pairs_path, gen_fp)
         if not self.store.completed(f"iter_{t}.score", score_fp):
-            self._score_iteration(t, pairs_path, logps_path, score_fp)
+            self._score_stage(f"iter_{t}", f"iter_{t}.score", score_fp, pairs_path, logps_path)
 
         previous_fp = self._score_previous_pairs(t, opponent) if r.spin.mix_previous_pairs and t > 0 else None
         beta = r.spin.beta_at(t)
@@ -293,23 +293,8 @@ class Run:
         path = self.run_dir / f"iter_{t}" / "previous_pairs_logps.safetensors"
         if self.store.completed(f"iter_{t}.score_previous", fp):
             return fp
-        rows = read_jsonl(self.run_dir / f"iter_{t - 1}" / "pairs.jsonl")
-        g = self.recipe.generation
-        with StageMeter(self.runtime.device) as meter, \
-                ui.stage_bar(f"iter_{t} score previous", 2 * len(rows), "sequences") as advance:
-            logps = {key: score_responses(self.model, [(x["prompt_ids"], x[f"{key}_ids"]) for x in rows],
-                                          pad_id=self.pad_id, batch_size=g.batch_size, chunk_size=self.chunk,
-                                          on_batch=advance)
-                     for key in ("real", "generated")}
-        previous_pairs = self.run_dir / f"iter_{t - 1}" / "pairs.jsonl"
-        write_safetensors(path, logps, metadata={"fingerprint": fp,
-                                                 "pairs_sha256": file_digest(previous_pairs)["sha256"]})
-        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
-        self.store.complete(f"iter_{t}.score_previous", fp, "score", {
-            "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
-            "opponent_real_logp_mean": logps["real"].mean().item(),
-            "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
-            outputs=[path])
+        self._score_stage(f"iter_{t} previous", f"iter_{t}.score_previous", fp,
+                          self.run_dir / f"iter_{t - 1}" / "pairs.jsonl", path)
         return fp
 
     def _trace(self, kind: str, stage: str) -> dict[str, Any]:
@@ -333,16 +318,18 @@ class Run:
             **gen.memory}, gen.wall_s, outputs=[pairs_path])
         AnswerLog.remove(log_path)
 
-    def _score_iteration(self, t: int, pairs_path: Path, logps_path: Path, score_fp: str) -> None:
+    def _score_stage(self, label: str, stage: str, fp: str, pairs_path: Path, logps_path: Path) -> None:
+        """Score a pairs file with the loaded adapter into `logps_path` (the cache carries the stage fingerprint
+        and the pairs' hash in its metadata), then mark the stage complete."""
         rows = read_jsonl(pairs_path)
-        logps, score = self._score(f"iter_{t}", rows)
-        write_safetensors(logps_path, logps, metadata={"fingerprint": score_fp,
+        logps, meter = self._score(label, rows)
+        write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                        "pairs_sha256": file_digest(pairs_path)["sha256"]})
-        scored_tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
-        self.store.complete(f"iter_{t}.score", score_fp, "score", {
-            "sequences": 2 * len(rows), "tokens": scored_tokens, "tokens_per_s": scored_tokens / score.wall_s,
+        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+        self.store.complete(stage, fp, "score", {
+            "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
             "opponent_real_logp_mean": logps["real"].mean().item(),
-            "opponent_generated_logp_mean": logps["generated"].mean().item(), **score.memory}, score.wall_s,
+            "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
             outputs=[logps_path])
 
     def _generate(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
