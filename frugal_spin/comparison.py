@@ -144,22 +144,19 @@ def _arm_records(compare_dir: Path, seed: int, arm: str) -> list[dict[str, Any]]
     return shared + read_records(seed_dir / arm)
 
 
-def _point_of(stage: str) -> str | None:
-    if stage == "sft.eval":
+def _point_of(stage: str, suffix: str = ".eval") -> str | None:
+    """The evaluation point ("sft", "iter_<t>") a stage named `sft<suffix>`, `iter_<t><suffix>` or
+    `block_<t><suffix>` belongs to (the SFT arms' block t sits at SPIN's iteration t)."""
+    if stage == "sft" + suffix:
         return "sft"
     for prefix in ("iter_", "block_"):
-        if stage.startswith(prefix) and stage.endswith(".eval"):
-            return "iter_" + stage[len(prefix):-len(".eval")]
+        if stage.startswith(prefix) and stage.endswith(suffix):
+            return "iter_" + stage[len(prefix):-len(suffix)]
     return None
 
 
 def _lm_eval_point(stage: str) -> str | None:
-    if stage == "sft.lm_eval":
-        return "sft"
-    for prefix in ("iter_", "block_"):
-        if stage.startswith(prefix) and stage.endswith(".lm_eval"):
-            return "iter_" + stage[len(prefix):-len(".lm_eval")]
-    return None
+    return _point_of(stage, ".lm_eval")
 
 
 LM_EVAL_PREFIX = "lm_eval:"
