@@ -17,6 +17,13 @@ Assumptions:
   64k rows), and a step's cost grows linearly with its batch on 2 cores, so the budget buys few large steps.
 - A cache entry is trusted only if complete: builds happen in a temporary sibling directory that is renamed into
   place after `build_info.json` (written last) exists, so an interrupted build never looks finished.
+
+Shipped base. The build of the default spec is part of the package (`frugal_spin/assets/tiny-llama/`, ~3.6 MB:
+safetensors weights, tokenizer json, `build_info.json`): a run of the default spec copies it instead of building,
+so the CPU default starts at once and every machine starts from the same weights (a build on another CPU gives
+other weights: float sums in another order). `build_info.json` records the SHA-256 of every shipped file; a copy
+is used only when the spec's fingerprint and every hash match, else the spec is built into the cache as before.
+`python -m frugal_spin build-base` rebuilds the shipped directory after the spec was changed.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from frugal_spin.errors import UserError
 from frugal_spin.tasks import arithmetic
 
 BUILD_INFO = "build_info.json"
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-llama"
 SPECIAL_TOKENS = {"pad": "<|pad|>", "eos": "<|end|>", "system": "<|system|>", "user": "<|user|>",
                   "assistant": "<|assistant|>"}
 CHAT_TEMPLATE = (
@@ -241,6 +249,7 @@ def build_tiny_base(out_dir: Path, seed: int = 0, progress: bool = True, spec: T
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {
+        "files": file_hashes(out_dir),
         "spec": dataclasses.asdict(spec),
         "fingerprint": spec.fingerprint(),
         "task": arithmetic.TASK_NAME,
@@ -250,10 +259,46 @@ def build_tiny_base(out_dir: Path, seed: int = 0, progress: bool = True, spec: T
         "heldout_greedy": heldout_report,
         "build_seconds": round(time.perf_counter() - started, 1),
         "torch_threads": threads,
+        "built_on": {"cpu": cpu_name(), "torch": torch.__version__},
     }
     # Written last: its presence is what marks the directory complete.
     (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file of a build but build_info.json itself, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())
+            if p.is_file() and p.name != BUILD_INFO}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def shipped_problem(spec: TinyBaseSpec, directory: Path = SHIPPED_DIR) -> str | None:
+    """Why the shipped base cannot stand in for a build of `spec` (None: it can)."""
+    try:
+        info = json.loads((directory / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return f"{directory / BUILD_INFO} is missing or unreadable"
+    if info.get("fingerprint") != spec.fingerprint():
+        return (f"it was built from spec {info.get('fingerprint')}, not {spec.fingerprint()} "
+                "(rebuild it with `python -m frugal_spin build-base`)")
+    recorded, actual = info.get("files") or {}, file_hashes(directory)
+    if not recorded or recorded != actual:
+        changed = sorted(set(recorded) ^ set(actual) | {n for n in recorded if actual.get(n) != recorded[n]})
+        return f"its files differ from the SHA-256 recorded in build_info.json ({', '.join(changed)})"
+    return None
 
 
 def default_cache_root() -> Path:
@@ -271,7 +316,8 @@ def is_complete_build(directory: Path, spec: TinyBaseSpec) -> bool:
 
 def ensure_tiny_base(run_base_dir: Path, seed: int = 0, cache_root: Path | None = None,
                      spec: TinyBaseSpec | None = None, progress: bool = True, num_threads: int | None = None) -> Path:
-    """Build the tiny base into the cache if it is not there yet, then copy it into `run_base_dir`; return that.
+    """Copy the shipped base (the default spec) or a build of `spec` from the cache, built there if it is not
+    there yet, into `run_base_dir`; return that.
 
     The cache lives in `cache_root` (default `$FRUGAL_SPIN_CACHE`, else ~/.cache/frugal_spin), one directory per
     spec fingerprint. A run directory already holding this spec's build is returned as is; one holding another
@@ -283,6 +329,14 @@ def ensure_tiny_base(run_base_dir: Path, seed: int = 0, cache_root: Path | None 
         return run_base_dir
     if (run_base_dir / BUILD_INFO).exists():
         raise UserError(f"{run_base_dir} holds a different tiny base (another spec); use a new output_dir")
+    problem = shipped_problem(spec)
+    if problem is None:
+        _publish(run_base_dir, lambda tmp: shutil.copytree(SHIPPED_DIR, tmp, dirs_exist_ok=True))
+        return run_base_dir
+    if spec == TinyBaseSpec():  # the default spec should have been shipped; another spec (tests) never is
+        from frugal_spin.ui import warn
+
+        warn(f"the shipped tiny base is not used: {problem}; building it instead (minutes)")
     cache_dir = Path(cache_root) if cache_root is not None else default_cache_root()
     cached = cache_dir / f"tiny-llama-{spec.fingerprint()}"
     if not is_complete_build(cached, spec):
@@ -309,6 +363,53 @@ def _publish(target: Path, fill) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rebuild(out_dir: Path = SHIPPED_DIR, spec: TinyBaseSpec | None = None, num_threads: int | None = None,
+            progress: bool = True) -> dict:
+    """Build `spec` (default: the current default spec) and replace `out_dir` with it; return its build_info.
+
+    `out_dir` must be absent, empty or an earlier build (it has build_info.json): nothing else is replaced."""
+    spec = spec or TinyBaseSpec()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_INFO).exists())):
+        raise UserError(f"{out_dir} exists and is not a tiny-base build (no {BUILD_INFO}); not replacing it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        build_tiny_base(tmp / "new", spec.seed, progress, spec, num_threads)
+        if out_dir.exists():
+            os.replace(out_dir, old / "previous")
+        os.replace(tmp / "new", out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return json.loads((out_dir / BUILD_INFO).read_text())
+
+
+def build_base_main(argv: list[str]) -> int:
+    """`python -m frugal_spin build-base [--out DIR] [--threads N]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m frugal_spin build-base",
+        description="Rebuild the built-in tiny base from TinyBaseSpec (frugal_spin/tiny_base.py) into the package's "
+                    "shipped directory (or --out), replacing the earlier build. Needed only after changing the spec; "
+                    "commit the new files so every machine starts from them.")
+    parser.add_argument("--out", default=str(SHIPPED_DIR), help=f"where to write it (default: {SHIPPED_DIR})")
+    parser.add_argument("--threads", default="auto",
+                        help="torch threads: auto (the cores other processes leave free) or a number")
+    args = parser.parse_args(argv)
+    from frugal_spin.threads import choose_threads
+
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        raise UserError(f"--threads must be auto or a positive number, got {args.threads!r}")
+    info = rebuild(Path(args.out), num_threads=choose_threads(args.threads if args.threads == "auto"
+                                                               else int(args.threads)))
+    print(f"{args.out}: spec {info['fingerprint']}, {info['parameters']} parameters, held-out greedy exact match "
+          f"{info['heldout_greedy']['exact_match']:.3f}, built in {info['build_seconds']} s on {info['built_on']['cpu']}")
+    return 0
 
 
 def _resolve_spec(seed: int, spec: TinyBaseSpec | None) -> TinyBaseSpec:
