@@ -4,6 +4,9 @@
     python -m frugal_spin report RUN_DIR                                                 re-render report.md/json/PNGs
     python -m frugal_spin plan RECIPE.yaml [overrides] [--gpu t4|l4|a10|a100-40|a100-80|h100]  estimate peak memory
     python -m frugal_spin compare RECIPE.yaml [overrides]   LoRA-SPIN vs continued LoRA-SFT over seeds -> comparison.md
+    python -m frugal_spin export RUN_DIR [--stage sft|iter_<t>|last] OUT_DIR   merged 16-bit model + adapter + card
+    python -m frugal_spin build-base [--out DIR]   rebuild the shipped tiny base after changing its spec
+    python -m frugal_spin sample RUN_DIR --prompt "..." [--stages base,sft,iter_0] [--max-new-tokens N]   side by side
 
 A user mistake (recipe, override, path, dataset) prints one line, `error: ...`, and exits with status 2; nothing
 else of the run is touched.
@@ -123,7 +126,28 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"report": report_main, "plan": plan_main, "compare": compare_main}
+def export_main(argv: list[str]) -> int:
+    from frugal_spin.export import export_main as main_
+
+    return main_(argv)
+
+
+def sample_main(argv: list[str]) -> int:
+    from frugal_spin.sample import sample_main as main_
+
+    return main_(argv)
+
+
+def build_base_main(argv: list[str]) -> int:
+    from frugal_spin.tiny_base import build_base_main as main_
+    from frugal_spin.ui import quiet_libraries
+
+    quiet_libraries()
+    return main_(argv)
+
+
+SUBCOMMANDS = {"report": report_main, "plan": plan_main, "compare": compare_main, "export": export_main,
+               "sample": sample_main, "build-base": build_base_main}
 
 
 def main(argv: list[str] | None = None) -> int:

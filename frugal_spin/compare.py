@@ -41,6 +41,7 @@ from frugal_spin import ui
 from frugal_spin.config import Recipe, SFTConfig
 from frugal_spin.data import check_dataset_reference
 from frugal_spin.errors import UserError
+from frugal_spin.live_log import check_log_backends
 from frugal_spin.lm_eval_hook import check_lm_eval_available, run_lm_eval
 from frugal_spin.model import check_model_reference, load_adapter_weights, resolve_runtime, save_adapter
 from frugal_spin.checkpoint import remove_checkpoint
@@ -48,6 +49,7 @@ from frugal_spin.pipeline import Run, absolute_progress, prepare_run_dir
 from frugal_spin.profiler import StageMeter
 from frugal_spin.report import read_records
 from frugal_spin.stages import StageStore, fingerprint
+from frugal_spin.threads import apply_threads
 from frugal_spin.train import plan_micro_batches, sft_step_fn, total_optimizer_steps, train_adapter
 
 EQUAL_STEPS, EQUAL_TIME = "sft_equal_steps", "sft_equal_time"
@@ -71,6 +73,8 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
     check_model_reference(recipe.model)
     resolve_runtime(recipe.model)
     check_lm_eval_available(recipe.compare.lm_eval_tasks)
+    check_log_backends(recipe.log)
+    apply_threads(recipe.model.threads)
     compare_dir = compare_dir_of(recipe)
     seeds = seeds_of(recipe)
     equal_time_steps: list[int] | None = None

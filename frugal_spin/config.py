@@ -48,9 +48,14 @@ class ModelConfig:
     # With model.name a directory: the .gguf file in it to convert (once, cached) and load; "" = a transformers
     # model directory. A model.name that is itself a .gguf file needs nothing here.
     gguf_file: str = ""
+    # torch's CPU thread pool: "auto" = the cores not already busy with other processes at the start (frugal_spin/
+    # threads.py), or a number. More threads than free cores make every op wait for the slowest thread.
+    threads: int | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         _positive("model.logprob_chunk_size", self.logprob_chunk_size)
+        if self.threads != "auto":
+            _positive("model.threads", self.threads)
         if not self.name.strip():
             raise UserError("model.name is empty: give a hub id, a local directory, a .gguf file or one of "
                             f"{', '.join(BUILTIN_MODELS)}")
@@ -201,6 +206,18 @@ class ProfileConfig:
 
 
 @dataclass
+class LogConfig:
+    """Live curves while a run trains (off by default; see frugal_spin/live_log.py)."""
+    tensorboard: bool = False  # TensorBoard event files under <output_dir>/tb/ (pip install "frugal_spin[tensorboard]")
+    wandb: bool = False  # the same scalars through wandb (pip install "frugal_spin[wandb]")
+    wandb_project: str = "frugal_spin"
+
+    def validate(self) -> None:
+        if self.wandb and not self.wandb_project.strip():
+            raise UserError("log.wandb_project is empty: name a W&B project")
+
+
+@dataclass
 class CompareConfig:
     """`python -m frugal_spin compare`: LoRA-SPIN against continued LoRA-SFT (see compare.py)."""
     seeds: int = 3
@@ -238,6 +255,7 @@ class Recipe:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> None:
@@ -251,6 +269,7 @@ class Recipe:
         self.generation.validate()
         self.eval.validate()
         self.profile.validate()
+        self.log.validate()
         self.compare.validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -232,8 +233,12 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.M
     for param in model.parameters():
         param.requires_grad_(False)
     if runtime.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs, so no embedding-output hook is needed.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs, so no embedding-output hook is needed. Recent
+        # transformers renamed the method (the old name warns); older ones only have the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -285,6 +290,15 @@ def inference_mode(model, runtime: Runtime) -> Iterator[None]:
         for_training(model, runtime)
 
 
+@contextlib.contextmanager
+def peft_deprecations_quiet() -> Iterator[None]:
+    """peft (<= 0.21) reads `model.is_gradient_checkpointing`, which transformers 5.2x deprecated with a
+    FutureWarning on every adapter attach: a library's internal call, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def attach_lora(base: torch.nn.Module, cfg: LoraSection):
     from peft import LoraConfig, get_peft_model
 
@@ -293,7 +307,8 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection):
                              bias="none", task_type="CAUSAL_LM")
     try:
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype), which fp16 training on a T4 needs.
-        model = get_peft_model(base, lora_config)
+        with peft_deprecations_quiet():
+            model = get_peft_model(base, lora_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
     if next(base.parameters()).device.type == "cuda":

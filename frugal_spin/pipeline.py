@@ -26,12 +26,14 @@ from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
 from frugal_spin.io import read_jsonl, read_safetensors, write_json, write_jsonl, write_safetensors, write_text
+from frugal_spin.live_log import LiveLog, check_log_backends
 from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
                                resolve_base_path, resolve_runtime, save_adapter)
 from frugal_spin.profiler import StageMeter
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
 from frugal_spin.stages import StageStore, file_digest, fingerprint
+from frugal_spin.threads import apply_threads
 from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn, spin_step_fn,
                                total_optimizer_steps, train_adapter, train_with_oom_retry)
 
@@ -67,6 +69,7 @@ class Run:
         self.model = None
         self.tokenizer = None
         self.activity = "setup"  # what the run is doing, for the out-of-memory message
+        self.live = LiveLog(recipe.log, run_dir, config=recipe.to_dict())  # no-op unless log.* asks for it
 
     # ------------------------------------------------------------ setup
 
@@ -96,7 +99,8 @@ class Run:
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
             "device": str(self.runtime.device), "backend": self.runtime.backend,
             "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
-            "gradient_checkpointing": self.runtime.gradient_checkpointing, **meter.memory}, meter.wall_s)
+            "gradient_checkpointing": self.runtime.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
+            **meter.memory}, meter.wall_s)
 
     # ------------------------------------------------------------ stages
 
@@ -137,11 +141,16 @@ class Run:
             remove_checkpoint(checkpoint_dir)
             write_json(batching_file, {"fingerprint": fp, **_batching(smaller)})
 
+        offset, kind = self._steps_done(), "sft" if section == "sft" else "spin"
+
+        def on_log(steps: int, values: dict[str, float]) -> None:
+            self.live.train_step(kind, offset + steps, values)
+
         def attempt(c: TrainConfig) -> TrainResult:
             with ui.stage_bar(stage.replace(".", " "), total_optimizer_steps(len(lengths), c), "steps") as advance:
                 return train_adapter(self.model, self.runtime, c, lengths, step, seed=seed,
                                      on_step=absolute_progress(advance), checkpoint_dir=checkpoint_dir,
-                                     fingerprint=fp, stage=stage,
+                                     fingerprint=fp, stage=stage, on_log=on_log if self.live.enabled else None,
                                      **self._trace("sft" if section == "sft" else "spin", stage.split(".")[0]))
 
         try:
@@ -154,6 +163,11 @@ class Run:
                 save_adapter(self.model, last_good)  # skipped steps never touched these weights
                 raise UserError(f"{exc}; the last good adapter is in {last_good}") from None
             raise UserError(f"{exc}; the weights are not finite, the last checkpoint is in {checkpoint_dir}") from None
+
+    def _steps_done(self) -> int:
+        """Optimizer steps of the run's finished training stages: the live curves' step offset (from the markers, so
+        a resumed run logs at the same steps as an uninterrupted one)."""
+        return sum(int(r["metrics"].get("optimizer_steps", 0)) for r in self.store.records() if r["kind"] == "train")
 
     def _oom_advice(self, section: str) -> str:
         """What the planner says fits this GPU, or how to ask it."""
@@ -229,6 +243,7 @@ class Run:
             advance()
         self.store.complete(name, fp, "eval", {**metrics, "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
                                                **meter.memory}, meter.wall_s)
+        self.live.evaluation(metrics, self._steps_done())
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
         r = self.recipe
@@ -378,6 +393,8 @@ class Run:
             return self._execute()
         except torch.cuda.OutOfMemoryError:
             pass
+        finally:
+            self.live.close()
         # Training stages handle their own OOM (train.train_with_oom_retry); this is generation, scoring or eval.
         raise UserError(f"CUDA out of memory in {self.activity}: lower generation.batch_size (generation and "
                         f"scoring) or eval.batch_size; `python -m frugal_spin plan RECIPE --gpu ...` estimates what "
@@ -442,11 +459,13 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
     # Every check that can fail on a user mistake runs before the run directory is touched.
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
+    check_log_backends(recipe.log)
     if resolve_runtime(recipe.model).backend == "unsloth":
         from frugal_spin.unsloth_backend import import_unsloth
 
         import_unsloth()  # before anything else loads transformers' model code
     splits = load_splits(recipe.data, recipe.seed)  # an unreadable or empty dataset fails here, not mid-run
     run_dir = prepare_run_dir(recipe, restart)
+    apply_threads(recipe.model.threads)
     Run(recipe, run_dir, splits).execute()
     return run_dir

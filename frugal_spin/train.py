@@ -12,6 +12,7 @@ weights stay fp32 (peft's default), so the scaler can unscale their gradients.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -92,8 +93,11 @@ def train_adapter(
     checkpoint_dir: Path | None = None,
     fingerprint: str = "",
     stage: str = "training",
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_steps_done, loss)` reports progress.
+    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_steps_done, loss)` reports progress,
+    and `on_log(optimizer_steps_done, values)` receives each applied step's loss, learning rate, tokens/s and step
+    metrics (for live curves, `live_log.py`).
 
     Faults: a micro-batch with a non-finite loss is not backpropagated, and an optimizer step with a non-finite
     gradient norm is not applied; both are counted. `cfg.max_nonfinite_in_a_row` such events without a good step
@@ -132,6 +136,7 @@ def train_adapter(
     window_metrics: dict[str, list[float]] = {}
     bad_in_a_row = 0
     tracer = _tracer(trace_dir, trace_steps, runtime)
+    logged_at, logged_tokens = time.perf_counter(), result.tokens
     for index in range(start, len(micro_batches)):
         with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
                             enabled=runtime.autocast_dtype is not None), runtime.activation_offload():
@@ -164,6 +169,7 @@ def train_adapter(
                 else:
                     optimizer.step()
                 bad_in_a_row = 0
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.optimizer_steps += 1
@@ -171,6 +177,13 @@ def train_adapter(
                 result.losses.append(sum(window_losses) / len(window_losses))
                 for k, v in window_metrics.items():
                     result.metrics.setdefault(k, []).append(sum(v) / len(v))
+                if on_log is not None:
+                    now = time.perf_counter()
+                    on_log(result.optimizer_steps, {
+                        "loss": result.losses[-1], "lr": lr,
+                        "tokens_per_s": (result.tokens - logged_tokens) / max(now - logged_at, 1e-9),
+                        **{k: v[-1] for k, v in result.metrics.items()}})
+                    logged_at, logged_tokens = now, result.tokens
             if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
                 raise NonFiniteStreak(
                     f"{stage}: {bad_in_a_row} non-finite losses or gradients in a row at optimizer step "

@@ -5,6 +5,9 @@ use `SMALL_BASE`, built once into the `small_base_cache` fixture's directory (se
 process by monkeypatching `tiny_base._resolve_spec` to return it, in subprocesses and notebooks by running
 `SMALL_BASE_PATCH` before `frugal_spin.__main__.main`."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from frugal_spin import tiny_base
@@ -16,6 +19,29 @@ SMALL_BASE_PATCH = ("from frugal_spin import tiny_base; "
 
 @pytest.fixture(scope="session")
 def small_base_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("tiny_base_cache")
+    # FRUGAL_SPIN_TEST_CACHE names a directory kept across sessions, to skip the minute-long build when developing
+    # on busy cores; unset (CI), every session builds the small base itself.
+    kept = os.environ.get("FRUGAL_SPIN_TEST_CACHE")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("tiny_base_cache")
     tiny_base.ensure_tiny_base(cache / "first_build" / "base", cache_root=cache, spec=SMALL_BASE, progress=False)
     return cache
+
+
+FINISHED_RUN_OVERRIDES = ["data.fraction=0.02", "data.eval_size=8", "spin.iterations=1", "sft.epochs=1",
+                          "generation.max_new_tokens=12", "generation.batch_size=20", "eval.max_new_tokens=12",
+                          "eval.batch_size=20", "log.tensorboard=true"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, small_base_cache):
+    """A small finished run (SFT, one SPIN iteration, their evaluations) on SMALL_BASE with TensorBoard logging
+    on, for what works on a run afterwards (export, sample, the event files). Tests must not change it."""
+    from frugal_spin.__main__ import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "cpu_tiny.yaml"
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
+        mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+        assert main([str(recipe), f"output_dir={run_dir}", *FINISHED_RUN_OVERRIDES]) == 0
+    return run_dir

@@ -1,0 +1,102 @@
+"""Read a finished (or partly finished) run directory: its recipe, its base, and the stages that have an adapter.
+
+Used by the commands that work on a run after it trained (`export`, `sample`); they never write into it.
+Stage names are the user's: `sft`, `iter_<t>` (the player after SPIN iteration t), `last` (the latest of those
+that finished) and, for `sample` only, `base` (no adapter). A stage counts as finished when its completion
+marker (`stages/sft.json`, `stages/iter_<t>.train.json`) exists and its adapter files still have the SHA-256 the
+marker recorded: a half-written or altered adapter is never exported or sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from frugal_spin.config import BUILTIN_MODEL, Recipe, load_recipe
+from frugal_spin.errors import UserError
+
+_ITER = re.compile(r"^iter_(\d+)$")
+STAGE_HELP = "sft, iter_<t> (e.g. iter_0) or last"
+
+
+@dataclass(frozen=True)
+class FinishedStage:
+    name: str  # "sft" or "iter_<t>"
+    adapter_dir: Path
+    train_record: dict[str, Any]  # the training stage's marker
+    eval_record: dict[str, Any] | None  # the stage's evaluation marker, when the evaluation finished
+
+
+def open_run(run_dir: str | Path) -> tuple[Path, Recipe]:
+    """The run directory and its resolved recipe (`recipe.yaml`, written by the run itself)."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} is not a frugal_spin run directory (no recipe.yaml)")
+    return run_dir, load_recipe(run_dir / "recipe.yaml")
+
+
+def base_path(run_dir: Path, recipe: Recipe) -> str:
+    """Where the run's base weights are: `run_dir/base` for the built-in base, else `model.name` (hub id or dir)."""
+    if recipe.model.name == BUILTIN_MODEL:
+        base = run_dir / "base"
+        if not (base / "config.json").is_file():
+            raise UserError(f"{base} is missing or incomplete: the run's built-in base is not there")
+        return str(base)
+    local = Path(recipe.model.name).expanduser()
+    return str(local) if local.is_dir() else recipe.model.name
+
+
+def _marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "stages" / f"{stage}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _training_stage(name: str) -> str:
+    return "sft" if name == "sft" else f"{name}.train"
+
+
+def _eval_stage(name: str) -> str:
+    return f"{name}.eval"
+
+
+def finished_stages(run_dir: Path) -> list[FinishedStage]:
+    """Every stage with an intact adapter, in pipeline order (sft, iter_0, iter_1, ...)."""
+    from frugal_spin.stages import file_digest
+
+    iterations = sorted(int(m.group(1)) for p in (run_dir / "stages").glob("iter_*.train.json")
+                        if (m := re.match(r"^iter_(\d+)\.train\.json$", p.name)))
+    out = []
+    for name in ["sft", *[f"iter_{t}" for t in iterations]]:
+        record = _marker(run_dir, _training_stage(name))
+        adapter_dir = run_dir / name / "adapter"
+        if record is None or not adapter_dir.is_dir():
+            continue
+        recorded = (record.get("outputs") or {}).get(f"{name}/adapter", {})
+        if recorded.get("sha256") != file_digest(adapter_dir)["sha256"]:
+            continue  # changed after its stage finished: not what the run trained
+        out.append(FinishedStage(name, adapter_dir, record, _marker(run_dir, _eval_stage(name))))
+    return out
+
+
+def resolve_stage(run_dir: Path, name: str, stages: list[FinishedStage] | None = None) -> FinishedStage:
+    """One stage by the user's name; a bad name or a stage that has not finished is one clear line."""
+    name = name.strip()
+    if name != "sft" and name != "last" and not _ITER.match(name):
+        raise UserError(f"unknown stage {name!r}: use {STAGE_HELP}")
+    stages = finished_stages(run_dir) if stages is None else stages
+    if not stages:
+        raise UserError(f"{run_dir} has no finished training stage yet (not even sft)")
+    if name == "last":
+        return stages[-1]
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise UserError(f"stage {name} has not finished in {run_dir} (finished: "
+                    f"{', '.join(s.name for s in stages)})")

@@ -1,0 +1,85 @@
+"""Wall time of the CPU default with 1 and 2 torch threads, without and with one competing CPU-bound process.
+
+    python profiling/bench_threads.py [--threads 1 2 auto] [--repeats 1] [key=value overrides for the recipe ...]
+
+Each run is the user's command, `python -m frugal_spin recipes/cpu_tiny.yaml output_dir=... model.threads=N`,
+in a fresh process, into a fresh directory (the shipped tiny base makes that the whole cost). "busy" starts one
+extra process that spins on one core for the whole run, the situation of a laptop compiling something or of a
+shared machine. The load average before each run is recorded, because on a shared machine "idle" is only as idle
+as the other users let it be. Writes the table to stdout and appends the rows to profiling/bench_threads.log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPINNER = "while True: pass"
+
+
+def one_run(threads: str, busy: bool, overrides: list[str], root: Path) -> dict:
+    out = root / f"threads_{threads}_{'busy' if busy else 'quiet'}_{time.time_ns()}"
+    load_before = os.getloadavg()[0]
+    competitor = subprocess.Popen([sys.executable, "-c", SPINNER]) if busy else None
+    try:
+        started = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, "-m", "frugal_spin", str(REPO / "recipes" / "cpu_tiny.yaml"),
+                        f"output_dir={out}", f"model.threads={threads}", *overrides],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+    records = {r["stage"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    last_eval = [r for name, r in records.items() if name.endswith(".eval")][-1]["metrics"]
+    return {"threads": threads, "load": "busy" if busy else "quiet", "wall_s": round(wall, 1),
+            "torch_threads": records["setup"]["metrics"].get("torch_threads"),
+            "load_avg_before": round(load_before, 2), "exact_match": last_eval.get("exact_match"),
+            "heldout_nll": round(last_eval["heldout_nll"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--loads", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
+    parser.add_argument("overrides", nargs="*", help="recipe overrides passed to every run")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
+        for _ in range(args.repeats):
+            for load in args.loads:
+                for threads in args.threads:
+                    row = one_run(threads, load == "busy", args.overrides, Path(tmp))
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    header = "| threads | load | wall s | torch threads | load avg before | exact match | held-out NLL |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['threads']} | {r['load']} | {r['wall_s']} | {r['torch_threads']} | {r['load_avg_before']} | "
+              f"{r['exact_match']} | {r['heldout_nll']} |" for r in rows]
+    print("\n".join(lines))
+    with open(REPO / "profiling" / "bench_threads.log.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({**r, "overrides": args.overrides, "cpu": _cpu()}) + "\n" for r in rows)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
