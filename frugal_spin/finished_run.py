@@ -41,14 +41,16 @@ def open_run(run_dir: str | Path) -> tuple[Path, Recipe]:
 
 
 def base_path(run_dir: Path, recipe: Recipe) -> str:
-    """Where the run's base weights are: `run_dir/base` for the built-in base, else `model.name` (hub id or dir)."""
+    """Where the run's base weights are: `run_dir/base` for the built-in tiny base (never rebuilt here), else where
+    the run itself resolved `model.name` (hub id, local directory, the converted GGUF cache)."""
     if recipe.model.name == BUILTIN_MODEL:
         base = run_dir / "base"
         if not (base / "config.json").is_file():
             raise UserError(f"{base} is missing or incomplete: the run's built-in base is not there")
         return str(base)
-    local = Path(recipe.model.name).expanduser()
-    return str(local) if local.is_dir() else recipe.model.name
+    from frugal_spin.model import resolve_base_path
+
+    return resolve_base_path(recipe.model, run_dir)  # hub ids, local and GGUF models: where the run loaded it from
 
 
 def _marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
