@@ -45,6 +45,11 @@ class ModelConfig:
     offload_activations: bool = False
     logprob_chunk_size: int = 256
     trust_remote_code: bool = False
+    # CPU + load_in_4bit only. bitsandbytes' CPU 4-bit layers dequantise their weights at every forward (every
+    # decode step of generation): "dequantized" does it once at load time, keeping the NF4-rounded values (the same
+    # model) in float32 plain torch layers, at 4 bytes per weight instead of ~0.5; "packed" keeps bitsandbytes'
+    # layers; "auto" dequantises when the float32 weights take under a quarter of the available RAM.
+    cpu_4bit_weights: Literal["auto", "packed", "dequantized"] = "auto"
     # With model.name a directory: the .gguf file in it to convert (once, cached) and load; "" = a transformers
     # model directory. A model.name that is itself a .gguf file needs nothing here.
     gguf_file: str = ""
@@ -190,10 +195,14 @@ class GenerationConfig:
 class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 64
+    # The first `samples` held-out prompts, answered greedily after every evaluation (metrics.jsonl, report.md).
+    samples: int = 5
 
     def validate(self) -> None:
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
+        if self.samples < 0:
+            raise UserError(f"eval.samples must be >= 0 (0 = none), got {self.samples}")
 
 
 @dataclass

@@ -43,6 +43,8 @@ class Runtime:
     gradient_checkpointing: bool
     backend: str = "transformers"  # "transformers" | "unsloth", resolved from model.backend
     offload_activations: bool = False  # only ever True on CUDA (resolve_runtime)
+    # Which weights every stage (training, generation, scoring, evaluation) runs on; set by load_base_model.
+    base_weights: str = ""
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -229,6 +231,11 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.M
         del model
         model = _from_pretrained(path, kwargs)
     disable_cpu_bf16_repack(model)
+    runtime.base_weights = _base_weights_label(cfg, runtime)
+    if cfg.load_in_4bit and runtime.device.type == "cpu" and use_dequantized_cpu_weights(model, cfg):
+        n = dequantize_4bit_layers(model)
+        runtime.base_weights = (f"nf4 dequantized once to {str(runtime.compute_dtype).replace('torch.', '')} "
+                                f"({n} layers; plain torch matmuls)")
     model.config.use_cache = False  # only generation needs the KV cache; it asks for it explicitly
     for param in model.parameters():
         param.requires_grad_(False)
@@ -240,6 +247,59 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.M
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _base_weights_label(cfg: ModelConfig, runtime: Runtime) -> str:
+    dtype = str(runtime.compute_dtype).replace("torch.", "")
+    return f"nf4 packed (bitsandbytes, compute {dtype})" if cfg.load_in_4bit else dtype
+
+
+def linear_4bit_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute name, layer) of every bitsandbytes 4-bit linear layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, bnb.nn.Linear4bit)]
+
+
+def use_dequantized_cpu_weights(model: torch.nn.Module, cfg: ModelConfig) -> bool:
+    """model.cpu_4bit_weights resolved: "auto" dequantises when the float32 weights fit in a quarter of the RAM
+    that is available now (SmolLM2-135M: 0.39 GiB of linear weights besides the 0.1 GiB embedding)."""
+    if cfg.cpu_4bit_weights != "auto":
+        return cfg.cpu_4bit_weights == "dequantized"
+    import psutil
+
+    dense_bytes = sum(layer.in_features * layer.out_features * 4 for _, _, layer in linear_4bit_layers(model))
+    return 0 < dense_bytes < psutil.virtual_memory().available / 4
+
+
+def dequantize_4bit_layers(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes `Linear4bit` by a frozen `nn.Linear` holding its dequantised weight (the NF4
+    values, double quantisation included, in the compute dtype), so forwards and backwards on the CPU run plain
+    BLAS matmuls instead of dequantising each layer at each call. The model's numbers stay those of the 4-bit
+    base (QLoRA's rounding), which training, generation and scoring then all share. Returns how many layers."""
+    import bitsandbytes.functional as bnbf
+
+    layers = linear_4bit_layers(model)
+    for parent, name, layer in layers:
+        weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                device="meta")
+        dense.weight = torch.nn.Parameter(weight.to(layer.compute_dtype or weight.dtype), requires_grad=False)
+        if layer.bias is not None:
+            dense.bias = torch.nn.Parameter(layer.bias.data.to(dense.weight.dtype), requires_grad=False)
+        setattr(parent, name, dense)
+    if layers:
+        # Nothing is quantized any more: transformers and peft must treat it as a plain model.
+        model.hf_quantizer = None
+        for flag in ("is_loaded_in_4bit", "is_quantized"):
+            if flag in vars(model):
+                setattr(model, flag, False)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return len(layers)
 
 
 def _from_pretrained(path: str, kwargs: dict):

@@ -78,8 +78,6 @@ class Run:
         r = self.recipe
         with StageMeter(self.runtime.device) as meter:
             base_path = resolve_base_path(r.model, self.run_dir)
-            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit,
-                                       asdict(r.lora))
             self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
             self.pad_id = self.tokenizer.pad_token_id
             splits = self.splits or load_splits(r.data, r.seed)
@@ -87,20 +85,30 @@ class Run:
             self.heldout = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.heldout]
             self.train_examples, self.heldout_examples = splits.train, splits.heldout
             self.heldout_answers = [e.answer for e in splits.heldout]
-            self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
             longest = r.data.max_prompt_tokens + max(r.data.max_answer_tokens, r.generation.max_new_tokens,
                                                      r.eval.max_new_tokens)
             # The adapter's random init depends only on the seed, not on what ran before in this process (building
             # the base draws from the same generator): a first run and a resumed one start from the same weights.
             torch.manual_seed(r.seed)
             self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
+            # The weights every stage runs on (packed or dequantised 4-bit) are part of the base's identity: the
+            # two give the same model up to float rounding, but cached log-probs must come from exactly these.
+            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit,
+                                       asdict(r.lora), self.runtime.base_weights)
+            self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
             crash_point("setup")
         self.store.complete("setup", self.data_fp, "setup", {
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
             "device": str(self.runtime.device), "backend": self.runtime.backend,
             "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
             "gradient_checkpointing": self.runtime.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
-            **meter.memory}, meter.wall_s)
+            "base_weights": self.runtime.base_weights, **meter.memory}, meter.wall_s)
+
+    def _weights(self) -> dict[str, str]:
+        """Which weights a stage ran on, for its record: the base as loaded (runtime.base_weights) plus the LoRA
+        adapter, unmerged. Training, generation, scoring and evaluation share the one model, so the cached
+        log-probs are exactly those of the weights the player trains against."""
+        return {"weights": f"{self.runtime.base_weights} + LoRA adapter (unmerged)"}
 
     # ------------------------------------------------------------ stages
 
@@ -117,7 +125,7 @@ class Run:
             result, used = self._train("sft", r.sft, "sft", fp, lengths, step, r.seed, self.run_dir / "sft")
         save_adapter(self.model, adapter_dir)
         crash_point("sft.saved")
-        self.store.complete("sft", fp, "train", {**result.summary(), **_batching(used),
+        self.store.complete("sft", fp, "train", {**self._weights(),**result.summary(), **_batching(used),
                                                   "tokens_per_s": result.tokens / meter.wall_s,
                                                   **meter.memory, "loss_curve": result.losses}, meter.wall_s,
                             outputs=[adapter_dir])
@@ -202,7 +210,7 @@ class Run:
         write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                        "pairs_sha256": file_digest(pairs_path)["sha256"]})
         tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
-        self.store.complete("anchor", fp, "generate", {  # tokens: generated, then scored with both answers
+        self.store.complete("anchor", fp, "generate", {**self._weights(),  # tokens: generated, then scored
             "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
             **_max_memory(gen, score)}, gen.wall_s + score.wall_s, outputs=[pairs_path, logps_path])
         AnswerLog.remove(self.run_dir / "eval" / "anchor_answers.partial.jsonl")
@@ -230,6 +238,7 @@ class Run:
                 [a["generated_ids"] for a in anchor], anchor_logps["real"], anchor_logps["generated"],
                 beta=r.spin.beta_at(0), pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk))
             advance()
+            n_samples = min(r.eval.samples, len(self.heldout))
             if r.data.dataset == BUILTIN_DATASET:
                 from frugal_spin.tasks.arithmetic import is_correct
 
@@ -237,12 +246,24 @@ class Run:
                     metrics["exact_match"], texts, generated_tokens = exact_match(
                         self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
                         max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
-                metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
-                                      list(zip(self.heldout_examples, self.heldout_answers, texts))[:5]]
                 tokens += generated_tokens
+            elif n_samples:
+                # Chat data has no exact answer: only the few sample prompts are answered, greedily.
+                with inference_mode(self.model, self.runtime):
+                    answers = generate_answers(self.model, self.tokenizer,
+                                               [e.prompt_ids for e in self.heldout[:n_samples]],
+                                               max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size,
+                                               temperature=0.0)
+                texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+                tokens += sum(len(ids) for ids in answers)
+            # The same first held-out prompts after every stage, with the real and the greedy answer, so a reader
+            # sees what SFT and each SPIN iteration did to the answers (report.md, "Sample answers").
+            metrics["samples"] = [{"prompt": e.prompt, "real": a, "greedy": t} for e, a, t in
+                                  list(zip(self.heldout_examples, self.heldout_answers, texts))[:n_samples]] \
+                if n_samples else []
             advance()
-        self.store.complete(name, fp, "eval", {**metrics, "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
-                                               **meter.memory}, meter.wall_s)
+        self.store.complete(name, fp, "eval", {**self._weights(), **metrics, "tokens": tokens,
+                                               "tokens_per_s": tokens / meter.wall_s, **meter.memory}, meter.wall_s)
         self.live.evaluation(metrics, self._steps_done())
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
@@ -286,7 +307,7 @@ class Run:
         save_adapter(self.model, adapter_dir)
         crash_point(f"iter_{t}.train.saved")
         self.store.complete(f"iter_{t}.train", train_fp, "train",
-                            {**result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
+                            {**self._weights(), **result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
                              "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
                              "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
                             meter.wall_s, outputs=[adapter_dir])
@@ -326,7 +347,7 @@ class Run:
         write_jsonl(pairs_path, rows)
         crash_point(f"iter_{t}.generate.written")
         gen_tokens = sum(len(x["generated_ids"]) for x in rows)
-        self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {
+        self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
             "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
             "mean_answer_tokens": gen_tokens / max(1, len(rows)),
             "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
@@ -341,7 +362,7 @@ class Run:
         write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                        "pairs_sha256": file_digest(pairs_path)["sha256"]})
         tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
-        self.store.complete(stage, fp, "score", {
+        self.store.complete(stage, fp, "score", {**self._weights(),
             "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
             "opponent_real_logp_mean": logps["real"].mean().item(),
             "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,

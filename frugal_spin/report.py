@@ -195,7 +195,7 @@ def build_report(records: list[dict[str, Any]], expected_iterations: int | None 
         stages.append(row)
         if r["kind"] == "eval":
             evaluations.append({"stage": r["stage"], "label": _eval_label(r["stage"]),
-                                **{k: m.get(k) for k in EVAL_KEYS}})
+                                **{k: m.get(k) for k in EVAL_KEYS}, "samples": list(m.get("samples") or [])})
         if r["kind"] == "train":
             training.append({"stage": r["stage"], **{k: m.get(k) for k in TRAIN_KEYS}})
             curves.append({"stage": r["stage"], "loss_curve": list(m.get("loss_curve") or []),
@@ -312,6 +312,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
     else:
         out.append("No evaluation has finished yet.")
 
+    out += _samples_markdown(report["evaluations"])
     if report["training"]:
         out += ["", "## Training", "",
                 _table(["stage", "optimizer steps", "train loss", "reward margin", "reward accuracy"],
@@ -320,6 +321,22 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
                         for r in report["training"]])]
     out += ["", "![metrics](metrics.png)", ""]
     return "\n".join(out)
+
+
+def _samples_markdown(evaluations: list[dict[str, Any]]) -> list[str]:
+    """Per sample prompt: the real answer, then the greedy answer after each evaluation (same prompts each time)."""
+    with_samples = [e for e in evaluations if e.get("samples")]
+    if not with_samples:
+        return []
+    quote = lambda text: " ".join(str(text).split()).replace("|", "\\|") or "(empty)"  # noqa: E731 - one table cell per answer
+    out = ["", "## Sample answers", "",
+           "The first held-out prompts (never trained on), with the real answer and the greedy answer after each "
+           "evaluation:"]
+    for i, first in enumerate(with_samples[0]["samples"]):
+        rows = [["real answer", quote(first["real"])]]
+        rows += [[e["label"], quote(e["samples"][i]["greedy"])] for e in with_samples if i < len(e["samples"])]
+        out += ["", f"**Prompt {i + 1}:** {quote(first['prompt'])}", "", _table(["", "answer"], rows)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ charts

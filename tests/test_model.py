@@ -22,8 +22,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _lora_model(path: Path, fix_trap: bool = True):
-    cfg = ModelConfig(name=str(path), device="cpu")
+def _lora_model(path: Path, fix_trap: bool = True, cpu_4bit_weights: str = "packed"):
+    cfg = ModelConfig(name=str(path), device="cpu", cpu_4bit_weights=cpu_4bit_weights)
     model = load_base_model(str(path), cfg, resolve_runtime(cfg))
     if not fix_trap:
         for module in model.modules():
@@ -137,7 +137,7 @@ def test_layers_the_cpu_kernel_gets_wrong_stay_unquantised(tmp_path, capsys):
     config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
                          num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
-    cfg = ModelConfig(name=str(tmp_path / "m"), device="cpu")
+    cfg = ModelConfig(name=str(tmp_path / "m"), device="cpu", cpu_4bit_weights="packed")
     model = load_base_model(str(tmp_path / "m"), cfg, resolve_runtime(cfg))
     layer = model.model.layers[0]
     # inputs of 96 (q/k/v/o, gate/up) stay fp32; down_proj's input of 192 = 3 x 64 is quantised as usual
@@ -147,3 +147,38 @@ def test_layers_the_cpu_kernel_gets_wrong_stay_unquantised(tmp_path, capsys):
     assert "keeping 6 such layers in float32" in capsys.readouterr().err
     model = attach_lora(model, LoraSection(r=4))
     model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+
+
+def test_dequantized_cpu_weights_are_the_packed_nf4_model(tiny_dir):
+    """model.cpu_4bit_weights=dequantized replaces bitsandbytes' layers by plain ones holding the same NF4 values:
+    logits and LoRA gradients equal the packed model's up to float rounding, and nothing 4-bit is left."""
+    import bitsandbytes as bnb
+
+    packed, dense = _lora_model(tiny_dir), _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in packed.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (packed(input_ids=x).logits - dense(input_ids=x).logits).abs().max().item()
+    assert diff < 1e-5
+    got, want = _lora_grads(dense, eval_forward_first=True), _lora_grads(packed, eval_forward_first=True)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), name
+    assert sum(p.numel() for p in dense.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in packed.parameters() if p.requires_grad)
+
+
+def test_auto_cpu_weights_follow_available_memory(tiny_dir, monkeypatch):
+    import psutil
+
+    from frugal_spin import model as model_module
+
+    cfg = ModelConfig(name=str(tiny_dir), device="cpu")
+    runtime = resolve_runtime(cfg)
+    base = load_base_model(str(tiny_dir), cfg, runtime)
+    assert runtime.base_weights.startswith("nf4 dequantized once to float32")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1024})())
+    runtime = resolve_runtime(cfg)
+    base = load_base_model(str(tiny_dir), cfg, runtime)
+    assert runtime.base_weights.startswith("nf4 packed (bitsandbytes") and model_module.linear_4bit_layers(base)

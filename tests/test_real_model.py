@@ -7,11 +7,14 @@ they fail instead (tests/real_assets.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from real_assets import chitchat_conversations, smollm2_dir  # noqa: F401 - pytest fixtures
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gguf_conversion_matches_the_gguf_model(smollm2_dir):  # noqa: F811
@@ -47,3 +50,89 @@ def test_chitchat_splits_on_the_real_data(chitchat_conversations):  # noqa: F811
     assert len(held) == 200 and not held & {r["conversation"] for r in splits["train"]}
     pairs = [(r["messages"][0]["content"].lower(), r["messages"][1]["content"].lower()) for r in splits["train"]]
     assert len(pairs) == len(set(pairs)) > 100_000
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):  # noqa: F811
+    """The real model as a run loads it (NF4, dequantised once on the CPU) with a LoRA adapter whose B is non-zero,
+    so the adapter takes part in every number below."""
+    from frugal_spin.config import LoraSection, ModelConfig
+    from frugal_spin.model import load_model, load_tokenizer, resolve_runtime
+
+    cfg = ModelConfig(name=str(smollm2_dir), device="cpu")
+    runtime = resolve_runtime(cfg)
+    torch.manual_seed(0)
+    model = load_model(str(smollm2_dir), cfg, LoraSection(r=4, alpha=8), runtime, max_seq_length=256, seed=0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    return model, load_tokenizer(str(smollm2_dir)), runtime
+
+
+def test_chatml_encode_generate_score_agree_with_pad_equal_to_eos(smollm2):
+    """ChatML with pad = eos = <|im_end|>: prompts end with the generation prompt, real answers end with
+    <|im_end|> like generated ones; in left-padded generation and right-padded scoring the pad positions (same
+    id as the end token) are masked by lengths, so the end token is scored on both sides and each sequence's
+    batched log-prob equals its log-prob computed alone from a full forward."""
+    from frugal_spin.config import DataConfig
+    from frugal_spin.data import Example, encode_example
+    from frugal_spin.generate import generate_answers
+    from frugal_spin.scoring import score_responses
+
+    model, tokenizer, _ = smollm2
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    examples = [Example("hi there", "hey! how are you?"),
+                Example("What did you do this weekend? I went hiking with my dog near the lake.", "nice, which lake?")]
+    encoded = [encode_example(tokenizer, e, DataConfig()) for e in examples]
+    for e in encoded:
+        assert e.prompt_ids[-4] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+        assert tokenizer.decode(e.prompt_ids[-3:]) == "assistant\n"
+        assert e.answer_ids[-1] == eos and eos not in e.answer_ids[:-1]
+    prompts = [e.prompt_ids for e in encoded]
+    greedy = generate_answers(model, tokenizer, prompts, max_new_tokens=24, batch_size=2, temperature=0.0)
+    alone = [generate_answers(model, tokenizer, [p], max_new_tokens=24, batch_size=1, temperature=0.0)[0]
+             for p in prompts]
+    assert greedy == alone  # left padding with pad = eos changes nothing
+    for ids in greedy:
+        assert ids and eos not in ids[:-1]  # cut at the first end token, which is kept
+    pairs = [(p, a) for p, a in zip(prompts, greedy)] + [(e.prompt_ids, e.answer_ids) for e in encoded]
+    batched = score_responses(model, pairs, pad_id=eos, batch_size=4, chunk_size=7)
+    model.eval()
+    with torch.no_grad():
+        for (prompt, answer), got in zip(pairs, batched):
+            ids = torch.tensor([list(prompt) + list(answer)])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            want = logp.gather(1, targets[:, None])[len(prompt) - 1:].sum().item()
+            assert abs(got.item() - want) < 1e-4 * len(answer), (got.item(), want)
+
+
+def test_small_end_to_end_run_on_the_real_model(smollm2_dir, chitchat_conversations, tmp_path):  # noqa: F811
+    """recipes/cpu_smollm2.yaml, shrunk to 24 chitchat prompts and a few tokens, SFT + 1 SPIN iteration through the
+    CLI: every stage finishes on the dequantised NF4 weights (recorded per stage), the player starts at the cached
+    opponent's log-probs (SPIN loss log 2 at step 0 is checked by spin-train's first loss), and every evaluation
+    keeps the same sample prompts with their real and greedy answers in metrics.jsonl and report.md."""
+    from frugal_spin.__main__ import main
+
+    run_dir = tmp_path / "run"
+    overrides = [f"output_dir={run_dir}", "data.fraction=0.0002", "data.eval_size=6", "data.max_prompt_tokens=48",
+                 "data.max_answer_tokens=8", "generation.max_new_tokens=8", "eval.max_new_tokens=8",
+                 "eval.samples=2", "spin.iterations=1", "sft.micro_batch_size=8", "spin.micro_batch_size=4",
+                 "spin.grad_accum_steps=1"]
+    assert main([str(REPO / "recipes" / "cpu_smollm2.yaml"), *overrides]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = {r["stage"]: r for r in records}
+    assert set(stages) >= {"setup", "sft", "anchor", "sft.eval", "iter_0.generate", "iter_0.score", "iter_0.train",
+                           "iter_0.eval"}
+    assert stages["setup"]["metrics"]["train_examples"] == 25
+    assert stages["setup"]["metrics"]["base_weights"].startswith("nf4 dequantized once to float32")
+    for name in ("sft", "iter_0.generate", "iter_0.score", "iter_0.train", "iter_0.eval"):
+        assert stages[name]["metrics"]["weights"].startswith("nf4 dequantized"), name
+    samples = [stages[name]["metrics"]["samples"] for name in ("sft.eval", "iter_0.eval")]
+    assert [len(s) for s in samples] == [2, 2]
+    assert [x["prompt"] for x in samples[0]] == [x["prompt"] for x in samples[1]]  # the same prompts every time
+    assert all(x["real"] and isinstance(x["greedy"], str) for s in samples for x in s)
+    report = (run_dir / "report.md").read_text()
+    assert "## Sample answers" in report and samples[0][0]["prompt"].split()[0] in report
+    assert abs(stages["iter_0.train"]["metrics"]["loss_curve"][0] - 0.693147) < 1e-3
