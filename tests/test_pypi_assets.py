@@ -1,4 +1,4 @@
-"""Pinned PyPI assets (assets.py), GGUF conversion errors (gguf_import.py) and builtin:chitchat's splits
+"""Pinned PyPI assets (pypi_assets.py), GGUF conversion errors (gguf_import.py) and builtin:chitchat's splits
 (tasks/chitchat.py), on small local stand-ins: no network. The real files are checked in test_real_model.py."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from frugal_spin import assets, gguf_import
+from frugal_spin import gguf_import
+from frugal_spin import pypi_assets as assets
 from frugal_spin.config import ModelConfig
 from frugal_spin.errors import UserError
 from frugal_spin.model import check_model_reference
