@@ -92,9 +92,14 @@ def run_main(argv: list[str]) -> int:
     from frugal_spin.ui import quiet_libraries
 
     quiet_libraries()
+    from frugal_spin import distributed
+    from frugal_spin.model import resolve_runtime
     from frugal_spin.pipeline import run_recipe
 
+    # Under torchrun / accelerate launch: join the other ranks (one process: nothing happens).
+    distributed.init_from_env(recipe.distributed.timeout_s, resolve_runtime(recipe.model).device.type)
     run_recipe(recipe, restart=args.restart)
+    distributed.shutdown()  # not on an error: `main` first asks the other ranks whether they said it already
     return 0
 
 
@@ -115,7 +120,10 @@ def compare_main(argv: list[str]) -> int:
                         help="override recipe values, type-checked like the file (e.g. compare.seeds=5)")
     args = parser.parse_args(argv)
     from frugal_spin.config import load_recipe
+    from frugal_spin.distributed import launched
 
+    if launched():
+        raise UserError("compare runs in one process: start it with python -m frugal_spin compare, not torchrun")
     recipe = load_recipe(args.recipe, args.overrides)
     from frugal_spin.ui import quiet_libraries
 
@@ -156,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:]) if command else run_main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from frugal_spin.distributed import current
+
+        line = current().error_line(exc)  # with several ranks: said once, by the rank that knows why
+        if line is not None:
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)

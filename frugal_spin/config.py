@@ -178,9 +178,18 @@ class GenerationConfig:
     # Opponent answers sampled per training prompt; each makes its own pair with the prompt's real answer, so
     # pairs.jsonl holds answers_per_prompt rows per prompt, one after another. Not used for the anchor pairs.
     answers_per_prompt: int = 1
+    # Who samples the opponent's answers: "hf" (transformers generate, the model that trains) or "vllm" (CUDA only,
+    # `pip install frugal_spin[vllm]`: vLLM with the opponent's LoRA adapter; scoring stays ours, see vllm_engine.py).
+    engine: Literal["hf", "vllm"] = "hf"
+    # vllm only: the share of the GPU's memory vLLM may take (weights + KV cache) next to the training model in the
+    # same process; it is released before training.
+    vllm_gpu_memory_utilization: float = 0.5
 
     def validate(self) -> None:
         _positive("generation.max_new_tokens", self.max_new_tokens)
+        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
+            raise UserError(f"generation.vllm_gpu_memory_utilization must be in (0, 1), got "
+                            f"{self.vllm_gpu_memory_utilization}")
         _positive("generation.answers_per_prompt", self.answers_per_prompt)
         _positive("generation.batch_size", self.batch_size)
         if self.temperature < 0:
@@ -227,6 +236,18 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several ranks (torchrun / accelerate launch, see distributed.py); ignored in one process."""
+    # A collective (gather, barrier, gradient all-reduce) waiting longer than this stops every rank with an error:
+    # what ends a run whose other rank died or hangs. Must cover the slowest rank's lead in a sharded stage.
+    timeout_s: float = 1800.0
+
+    def validate(self) -> None:
+        if not self.timeout_s > 0:
+            raise UserError(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class CompareConfig:
     """`python -m frugal_spin compare`: LoRA-SPIN against continued LoRA-SFT (see compare.py)."""
     seeds: int = 3
@@ -266,6 +287,7 @@ class Recipe:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         if not self.output_dir.strip():
@@ -280,6 +302,7 @@ class Recipe:
         self.profile.validate()
         self.log.validate()
         self.compare.validate()
+        self.distributed.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

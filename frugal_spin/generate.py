@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from frugal_spin.data import cut_after_eos, length_grouped_batches
+from frugal_spin.distributed import current as current_world
 
 
 @torch.no_grad()
@@ -43,6 +44,7 @@ def generate_answers(
     `answered` holds answers saved by an interrupted earlier call (prompt index -> ids); batches whose prompts
     are all answered are skipped. `on_answers(indices, answers)` receives each new batch, to save it."""
     answered = answered or {}
+    world = current_world()  # with several ranks, each answers its own batches; `merge` gathers them all
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     was_training = model.training
@@ -56,6 +58,10 @@ def generate_answers(
                 answers[i] = list(answered[i])
             if on_batch is not None:
                 on_batch(len(batch))
+            continue
+        if not world.owns(batch_index):
+            if on_batch is not None:
+                on_batch(len(batch))  # the ranks advance together: the bar shows the whole stage's progress
             continue
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -75,7 +81,7 @@ def generate_answers(
         if on_batch is not None:
             on_batch(len(batch))
     model.train(was_training)
-    return answers  # type: ignore[return-value]
+    return world.merge(answers)  # type: ignore[return-value]
 
 
 def strip_answer(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
@@ -95,39 +101,46 @@ class AnswerLog:
     Line 1 is `{"fingerprint": ...}` (the stage's fingerprint and its prompts); then one line per answer,
     `{"i": prompt index, "ids": [...]}`. Every batch is flushed and fsynced before generation goes on. A log with
     another fingerprint is discarded; a line cut short by a crash ends the usable part. The log is deleted once
-    the stage's real outputs are written."""
+    the stage's real outputs are written. With several ranks each appends to its own file (`rank_file`), and a
+    resumed run reads all of them, whatever the number of ranks was."""
 
     def __init__(self, path: Path, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.batches_written = 0
+        self.own = current_world().rank_file(self.path)
+
+    def _read(self, path: Path) -> dict[int, list[int]]:
+        answered: dict[int, list[int]] = {}
+        lines = path.read_bytes().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            header = {}
+        if header.get("fingerprint") == self.fingerprint:
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                    answered[int(row["i"])] = [int(x) for x in row["ids"]]
+                except (ValueError, KeyError, TypeError):
+                    break  # the tail a crash cut short
+        return answered
 
     def load(self) -> dict[int, list[int]]:
-        answered: dict[int, list[int]] = {}
-        if self.path.is_file():
-            lines = self.path.read_bytes().splitlines()
-            try:
-                header = json.loads(lines[0]) if lines else {}
-            except ValueError:
-                header = {}
-            if header.get("fingerprint") == self.fingerprint:
-                for line in lines[1:]:
-                    try:
-                        row = json.loads(line)
-                        answered[int(row["i"])] = [int(x) for x in row["ids"]]
-                    except (ValueError, KeyError, TypeError):
-                        break  # the tail a crash cut short
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shares = {path: self._read(path) for path in current_world().rank_files(self.path)}
+        answered = {i: ids for share in shares.values() for i, ids in share.items()}
+        current_world().barrier()  # every rank has read every log before any rewrites its own
+        self.own.parent.mkdir(parents=True, exist_ok=True)
         # Rewrite what is kept: drops a torn last line (and a stale log) so appends start on a clean line.
-        with open(self.path, "w", encoding="utf-8") as f:
+        with open(self.own, "w", encoding="utf-8") as f:
             f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            f.writelines(json.dumps({"i": i, "ids": ids}) + "\n" for i, ids in answered.items())
+            f.writelines(json.dumps({"i": i, "ids": ids}) + "\n" for i, ids in shares.get(self.own, {}).items())
             f.flush()
             os.fsync(f.fileno())
         return answered
 
     def append(self, indices: list[int], answers: list[list[int]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.own, "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"i": i, "ids": ids}) + "\n" for i, ids in zip(indices, answers))
             f.flush()
             os.fsync(f.fileno())
@@ -135,4 +148,5 @@ class AnswerLog:
 
     @staticmethod
     def remove(path: Path) -> None:
-        Path(path).unlink(missing_ok=True)
+        for own in current_world().rank_files(path):
+            own.unlink(missing_ok=True)

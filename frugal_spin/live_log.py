@@ -43,6 +43,10 @@ class LiveLog:
         check_log_backends(cfg)
         self.writer = None
         self.wandb_run = None
+        from frugal_spin.distributed import current as current_world
+
+        if not current_world().writes_here:  # several ranks log the same numbers: rank 0 writes them
+            return
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from frugal_spin.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_SMOLLM2, LoraSection, ModelConfig
+from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,8 +70,8 @@ class Runtime:
 def resolve_runtime(cfg: ModelConfig) -> Runtime:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device is cuda but no CUDA GPU is visible (use model.device=auto or cpu)")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = current_world().cuda_device() if use_cuda else torch.device("cpu")  # one GPU per rank
     if cfg.dtype != "auto":
         dtype = getattr(torch, cfg.dtype)
     elif device.type == "cuda":

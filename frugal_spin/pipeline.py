@@ -21,6 +21,7 @@ from frugal_spin import ui
 from frugal_spin.checkpoint import remove_checkpoint
 from frugal_spin.config import BUILTIN_DATASET, Recipe, TrainConfig, dump_recipe
 from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encode_example, load_splits
+from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.faults import crash_point
@@ -64,6 +65,9 @@ class Run:
         self.run_dir = run_dir
         self.splits = splits
         self.store = StageStore(run_dir)
+        # Several ranks (torchrun) run every stage together; the world shards the work and `write` runs a stage's
+        # writes on one rank, then a barrier. One process: `write(fn)` is `fn()`.
+        self.world = current_world()
         self.runtime = resolve_runtime(recipe.model)
         self.chunk = recipe.model.logprob_chunk_size
         self.model = None
@@ -77,7 +81,7 @@ class Run:
         """Base (built or taken from the cache), tokenizer, data, 4-bit model with its one adapter."""
         r = self.recipe
         with StageMeter(self.runtime.device) as meter:
-            base_path = resolve_base_path(r.model, self.run_dir)
+            base_path = self.world.first(resolve_base_path, r.model, self.run_dir)  # rank 0 builds, others read
             self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
             self.pad_id = self.tokenizer.pad_token_id
             splits = self.splits or load_splits(r.data, r.seed)
@@ -96,8 +100,9 @@ class Run:
             self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit,
                                        asdict(r.lora), self.runtime.base_weights)
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
+            self.base_path, self.longest = base_path, longest
             crash_point("setup")
-        self.store.complete("setup", self.data_fp, "setup", {
+        self.world.write(self.store.complete, "setup", self.data_fp, "setup", {
             "train_examples": len(self.train), "heldout_examples": len(self.heldout), **dict(splits.counts),
             "device": str(self.runtime.device), "backend": self.runtime.backend,
             "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
@@ -123,14 +128,18 @@ class Run:
         lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in self.train]
         with StageMeter(self.runtime.device) as meter:
             result, used = self._train("sft", r.sft, "sft", fp, lengths, step, r.seed, self.run_dir / "sft")
-        save_adapter(self.model, adapter_dir)
-        crash_point("sft.saved")
-        self.store.complete("sft", fp, "train", {**self._weights(),**result.summary(), **_batching(used),
-                                                  "tokens_per_s": result.tokens / meter.wall_s,
-                                                  **meter.memory, "loss_curve": result.losses}, meter.wall_s,
-                            outputs=[adapter_dir])
-        remove_checkpoint(self.run_dir / "sft" / "checkpoint")
-        (self.run_dir / "sft" / "oom_batching.json").unlink(missing_ok=True)
+
+        def finish() -> None:
+            save_adapter(self.model, adapter_dir)
+            crash_point("sft.saved")
+            self.store.complete("sft", fp, "train", {**self._weights(), **result.summary(), **_batching(used),
+                                                      "tokens_per_s": result.tokens / meter.wall_s,
+                                                      **meter.memory, "loss_curve": result.losses}, meter.wall_s,
+                                outputs=[adapter_dir])
+            remove_checkpoint(self.run_dir / "sft" / "checkpoint")
+            (self.run_dir / "sft" / "oom_batching.json").unlink(missing_ok=True)
+
+        self.world.write(finish)
         return fp
 
     def _train(self, stage: str, cfg: TrainConfig, section: str, fp: str, lengths: list[int], step: StepFn,
@@ -168,7 +177,7 @@ class Run:
         except NonFiniteStreak as exc:
             if all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
                 last_good = stage_dir / "last_good_adapter"
-                save_adapter(self.model, last_good)  # skipped steps never touched these weights
+                self.world.write(save_adapter, self.model, last_good)  # skipped steps never touched these weights
                 raise UserError(f"{exc}; the last good adapter is in {last_good}") from None
             raise UserError(f"{exc}; the weights are not finite, the last checkpoint is in {checkpoint_dir}") from None
 
@@ -204,16 +213,21 @@ class Run:
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
         rows, gen = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919, fp=fp,
-                                   log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl")
+                                   log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl",
+                                   adapter_dir=self.run_dir / "sft" / "adapter")
         logps, score = self._score("anchor", rows)
-        write_jsonl(pairs_path, rows)
-        write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
-                                                       "pairs_sha256": file_digest(pairs_path)["sha256"]})
-        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
-        self.store.complete("anchor", fp, "generate", {**self._weights(),  # tokens: generated, then scored
-            "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
-            **_max_memory(gen, score)}, gen.wall_s + score.wall_s, outputs=[pairs_path, logps_path])
-        AnswerLog.remove(self.run_dir / "eval" / "anchor_answers.partial.jsonl")
+
+        def finish() -> None:
+            write_jsonl(pairs_path, rows)
+            write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
+                                                           "pairs_sha256": file_digest(pairs_path)["sha256"]})
+            tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
+            self.store.complete("anchor", fp, "generate", {**self._weights(),  # tokens: generated, then scored
+                "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
+                **_max_memory(gen, score)}, gen.wall_s + score.wall_s, outputs=[pairs_path, logps_path])
+            AnswerLog.remove(self.run_dir / "eval" / "anchor_answers.partial.jsonl")
+
+        self.world.write(finish)
         return fp
 
     def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
@@ -262,8 +276,9 @@ class Run:
                                   list(zip(self.heldout_examples, self.heldout_answers, texts))[:n_samples]] \
                 if n_samples else []
             advance()
-        self.store.complete(name, fp, "eval", {**self._weights(), **metrics, "tokens": tokens,
-                                               "tokens_per_s": tokens / meter.wall_s, **meter.memory}, meter.wall_s)
+        self.world.write(self.store.complete, name, fp, "eval", {**self._weights(), **metrics, "tokens": tokens,
+                                                                 "tokens_per_s": tokens / meter.wall_s,
+                                                                 **meter.memory}, meter.wall_s)
         self.live.evaluation(metrics, self._steps_done())
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
@@ -278,7 +293,7 @@ class Run:
         gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t)
         score_fp = fingerprint("score", gen_fp)
         if not self.store.completed(f"iter_{t}.generate", gen_fp):
-            self._generate_iteration(t, pairs_path, gen_fp)
+            self._generate_iteration(t, pairs_path, gen_fp, opponent_dir)
         if not self.store.completed(f"iter_{t}.score", score_fp):
             self._score_stage(f"iter_{t}", f"iter_{t}.score", score_fp, pairs_path, logps_path)
 
@@ -304,15 +319,20 @@ class Run:
         with StageMeter(self.runtime.device) as meter:
             result, used = self._train(f"iter_{t}.train", r.spin, "spin", train_fp, lengths, step,
                                        r.seed + 1000 * (t + 1), it_dir)
-        save_adapter(self.model, adapter_dir)
-        crash_point(f"iter_{t}.train.saved")
-        self.store.complete(f"iter_{t}.train", train_fp, "train",
-                            {**self._weights(), **result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
-                             "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
-                             "loss_curve": result.losses, "margin_curve": result.metrics.get("reward_margin", [])},
-                            meter.wall_s, outputs=[adapter_dir])
-        remove_checkpoint(it_dir / "checkpoint")
-        (it_dir / "oom_batching.json").unlink(missing_ok=True)
+
+        def finish() -> None:
+            save_adapter(self.model, adapter_dir)
+            crash_point(f"iter_{t}.train.saved")
+            self.store.complete(f"iter_{t}.train", train_fp, "train",
+                                {**self._weights(), **result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
+                                 "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
+                                 "loss_curve": result.losses,
+                                 "margin_curve": result.metrics.get("reward_margin", [])},
+                                meter.wall_s, outputs=[adapter_dir])
+            remove_checkpoint(it_dir / "checkpoint")
+            (it_dir / "oom_batching.json").unlink(missing_ok=True)
+
+        self.world.write(finish)
         return train_fp
 
     def _score_previous_pairs(self, t: int, opponent: str) -> str:
@@ -338,40 +358,51 @@ class Run:
             return {}
         return {"trace_dir": self.run_dir / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
 
-    def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str) -> None:
+    def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str, opponent_dir: Path) -> None:
         log_path = pairs_path.with_name("answers.partial.jsonl")
         k = self.recipe.generation.answers_per_prompt  # k answers per prompt = k pairs, one after another
         rows, gen = self._generate(f"iter_{t}", [e for e in self.train for _ in range(k)],
                                    [e for e in self.train_examples for _ in range(k)],
-                                   seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path)
-        write_jsonl(pairs_path, rows)
-        crash_point(f"iter_{t}.generate.written")
-        gen_tokens = sum(len(x["generated_ids"]) for x in rows)
-        self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
-            "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
-            "mean_answer_tokens": gen_tokens / max(1, len(rows)),
-            "answers_without_eos": sum(1 for x in rows if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
-            **gen.memory}, gen.wall_s, outputs=[pairs_path])
-        AnswerLog.remove(log_path)
+                                   seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path,
+                                   adapter_dir=opponent_dir)
+
+        def finish() -> None:
+            write_jsonl(pairs_path, rows)
+            crash_point(f"iter_{t}.generate.written")
+            gen_tokens = sum(len(x["generated_ids"]) for x in rows)
+            self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
+                "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
+                "mean_answer_tokens": gen_tokens / max(1, len(rows)),
+                "answers_without_eos": sum(1 for x in rows
+                                           if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
+                **gen.memory}, gen.wall_s, outputs=[pairs_path])
+            AnswerLog.remove(log_path)
+
+        self.world.write(finish)
 
     def _score_stage(self, label: str, stage: str, fp: str, pairs_path: Path, logps_path: Path) -> None:
         """Score a pairs file with the loaded adapter into `logps_path` (the cache carries the stage fingerprint
         and the pairs' hash in its metadata), then mark the stage complete."""
         rows = read_jsonl(pairs_path)
         logps, meter = self._score(label, rows)
-        write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
-                                                       "pairs_sha256": file_digest(pairs_path)["sha256"]})
-        tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
-        self.store.complete(stage, fp, "score", {**self._weights(),
-            "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
-            "opponent_real_logp_mean": logps["real"].mean().item(),
-            "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
-            outputs=[logps_path])
+
+        def finish() -> None:
+            write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
+                                                           "pairs_sha256": file_digest(pairs_path)["sha256"]})
+            tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+            self.store.complete(stage, fp, "score", {**self._weights(),
+                "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
+                "opponent_real_logp_mean": logps["real"].mean().item(),
+                "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
+                outputs=[logps_path])
+
+        self.world.write(finish)
 
     def _generate(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
-                  log_path: Path) -> tuple[list[dict[str, Any]], StageMeter]:
-        """One answer per prompt from the loaded adapter, as pairs.jsonl rows. Answers are appended to `log_path`
-        batch by batch, so a killed run resumes generation at the first batch with an unanswered prompt."""
+                  log_path: Path, adapter_dir: Path) -> tuple[list[dict[str, Any]], StageMeter]:
+        """One answer per prompt from the loaded adapter (saved in `adapter_dir`), as pairs.jsonl rows. Answers are
+        appended to `log_path` batch by batch, so a killed run resumes generation at the first batch with an
+        unanswered prompt. `generation.engine: vllm` samples with vLLM instead (vllm_engine.py)."""
         g = self.recipe.generation
         self.activity = f"{label} generation (generation.batch_size {g.batch_size})"
         log = AnswerLog(log_path, fingerprint(fp, [e.prompt_ids for e in encoded]))
@@ -383,10 +414,20 @@ class Run:
 
         with StageMeter(self.runtime.device) as meter, inference_mode(self.model, self.runtime), \
                 ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
-            generated = generate_answers(self.model, self.tokenizer, [e.prompt_ids for e in encoded],
-                                         max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                                         temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
-                                         on_batch=advance, answered=answered, on_answers=save_batch)
+            prompts = [e.prompt_ids for e in encoded]
+            if g.engine == "vllm":
+                from frugal_spin.vllm_engine import engine_factory, generate_with_vllm
+
+                generated = generate_with_vllm(
+                    engine_factory(self.base_path, self.recipe, self.runtime, self.longest, seed), prompts,
+                    str(adapter_dir), max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                    top_k=g.top_k, seed=seed, eos_id=self.tokenizer.eos_token_id, answered=answered,
+                    on_answers=save_batch, on_batch=advance)
+            else:
+                generated = generate_answers(self.model, self.tokenizer, prompts,
+                                             max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                                             temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
+                                             on_batch=advance, answered=answered, on_answers=save_batch)
         rows = [{"prompt": ex.prompt, **({"context": ex.context} if ex.context else {}), "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(e.prompt_ids), "real_ids": list(e.answer_ids), "generated_ids": gen_ids}
@@ -435,9 +476,13 @@ class Run:
             opponent_dir, opponent_fp = self.run_dir / f"iter_{t}" / "adapter", player_fp
             self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
         records = self.store.records()
-        ui.console.print(ui.summary_table(records))
-        render_report(self.run_dir)
-        ui.note(f"run directory: {self.run_dir}  (per-phase cost and charts: {self.run_dir / 'report.md'})")
+
+        def finish() -> None:
+            ui.console.print(ui.summary_table(records))
+            render_report(self.run_dir)
+            ui.note(f"run directory: {self.run_dir}  (per-phase cost and charts: {self.run_dir / 'report.md'})")
+
+        self.world.write(finish)
         return records
 
 
@@ -481,12 +526,16 @@ def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
     check_dataset_reference(recipe.data)
     check_model_reference(recipe.model)
     check_log_backends(recipe.log)
+    if recipe.generation.engine == "vllm":
+        from frugal_spin.vllm_engine import check_vllm
+
+        check_vllm(resolve_runtime(recipe.model).device)
     if resolve_runtime(recipe.model).backend == "unsloth":
         from frugal_spin.unsloth_backend import import_unsloth
 
         import_unsloth()  # before anything else loads transformers' model code
     splits = load_splits(recipe.data, recipe.seed)  # an unreadable or empty dataset fails here, not mid-run
-    run_dir = prepare_run_dir(recipe, restart)
+    run_dir = current_world().write(prepare_run_dir, recipe, restart)  # one rank touches the directory
     apply_threads(recipe.model.threads)
     Run(recipe, run_dir, splits).execute()
     return run_dir

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from frugal_spin.data import collate_sequences, length_grouped_batches
+from frugal_spin.distributed import current as current_world
 from frugal_spin.logprobs import sequence_logprobs
 
 
@@ -28,12 +29,18 @@ def score_responses(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = torch.zeros(len(pairs), dtype=torch.float32)
-    for batch in length_grouped_batches([len(p) + len(r) for p, r in pairs], batch_size, seed=None):
+    world = current_world()  # with several ranks, each scores its own batches (NaN elsewhere) and `merge` gathers
+    out = torch.full((len(pairs),), float("nan"), dtype=torch.float32)
+    batches = length_grouped_batches([len(p) + len(r) for p, r in pairs], batch_size, seed=None)
+    for index, batch in enumerate(batches):
+        if not world.owns(index):
+            if on_batch is not None:
+                on_batch(len(batch))
+            continue
         seqs = collate_sequences([pairs[i] for i in batch], pad_id).to(device)
         out[batch] = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
                                        chunk_size=chunk_size).float().cpu()
         if on_batch is not None:
             on_batch(len(batch))
     model.train(was_training)
-    return out
+    return world.merge(out)

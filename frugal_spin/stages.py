@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from frugal_spin.distributed import current as current_world
 from frugal_spin.io import write_json, write_jsonl
 
 
@@ -116,5 +117,7 @@ class StageStore:
         return out
 
     def write_metrics(self) -> None:
+        if not current_world().writes_here:  # with several ranks, rank 0 keeps the run directory's files
+            return
         write_jsonl(self.run_dir / "metrics.jsonl",
                     ({k: v for k, v in r.items() if k not in ("fingerprint", "outputs")} for r in self.records()))

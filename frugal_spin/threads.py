@@ -15,10 +15,12 @@ import torch
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers narrow; else the machine's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    """Cores this process may run on (the affinity mask, which containers narrow; else the machine's count), shared
+    with the other ranks on this machine under torchrun."""
+    from frugal_spin.distributed import current as current_world
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // current_world().local_size)
 
 
 def busy_cores(sample_s: float = 0.5) -> float:

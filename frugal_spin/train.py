@@ -21,6 +21,7 @@ import torch
 
 from frugal_spin.config import TrainConfig
 from frugal_spin.data import Encoded, collate_sequences, length_grouped_batches
+from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 from frugal_spin.faults import crash_point
 from frugal_spin.logprobs import sequence_logprobs
@@ -107,6 +108,11 @@ def train_adapter(
     steps, and a matching checkpoint found there at the start is restored, so a killed stage continues from its
     last checkpoint with the same data order, optimizer, scheduler, scaler and RNG state (`checkpoint.py`).
 
+    Ranks (`distributed.py`): each optimizer step's window of `cfg.grad_accum_steps` micro-batches is dealt round
+    robin over the ranks and the gradients are summed over them before clipping, so N ranks take the same steps as
+    one process (same global batch, same micro-batches, same order of the logged numbers); each micro-batch is
+    seeded by its index in the plan.
+
     With `trace_dir`, a torch.profiler trace of `trace_steps` optimizer steps (after one skipped and one warm-up
     step) is written there in the TensorBoard plugin's format, a Chrome-trace JSON that Perfetto also opens."""
     from transformers import get_scheduler
@@ -137,21 +143,36 @@ def train_adapter(
     bad_in_a_row = 0
     tracer = _tracer(trace_dir, trace_steps, runtime)
     logged_at, logged_tokens = time.perf_counter(), result.tokens
+    world = current_world()  # with N ranks, window position j of every optimizer step runs on rank j % N
+    world.broadcast_params(params)
+    mine: list[tuple[int, float | None, dict[str, float], int]] = []  # (index, loss or None if not finite, ...)
     for index in range(start, len(micro_batches)):
-        with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                            enabled=runtime.autocast_dtype is not None), runtime.activation_offload():
-            out = step_fn(micro_batches[index])
-        if not torch.isfinite(out.loss):
-            result.skipped_micro_batches += 1
-            bad_in_a_row += 1
-        else:
-            loss = out.loss / cfg.grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            window_losses.append(out.loss.item())
-            for k, v in out.metrics.items():
-                window_metrics.setdefault(k, []).append(v)
-            result.tokens += out.tokens
+        if world.owns(index % cfg.grad_accum_steps):
+            # Seeded by the micro-batch's global index (LoRA dropout): the same draws on any rank and after a resume.
+            torch.manual_seed(seed * 1_000_003 + index)
+            with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
+                                enabled=runtime.autocast_dtype is not None), runtime.activation_offload():
+                out = step_fn(micro_batches[index])
+            if not torch.isfinite(out.loss):
+                mine.append((index, None, {}, 0))
+            else:
+                loss = out.loss / cfg.grad_accum_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+                mine.append((index, out.loss.item(), out.metrics, out.tokens))
         if (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == len(micro_batches):
+            world.all_reduce_grads(params)  # the window's gradient summed over ranks: the one-process gradient
+            # Every rank's micro-batches of the window in the one-process order, so the step's numbers are too.
+            for _, micro_loss, micro_metrics, micro_tokens in sorted(sum(world.gather(mine), []),
+                                                                     key=lambda m: m[0]):
+                if micro_loss is None:
+                    result.skipped_micro_batches += 1
+                    bad_in_a_row += 1
+                    continue
+                window_losses.append(micro_loss)
+                for k, v in micro_metrics.items():
+                    window_metrics.setdefault(k, []).append(v)
+                result.tokens += micro_tokens
+            mine = []
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
@@ -196,9 +217,9 @@ def train_adapter(
                 tracer.step()
             if (checkpoint_dir is not None and cfg.checkpoint_every_steps > 0 and index + 1 < len(micro_batches)
                     and result.optimizer_steps % cfg.checkpoint_every_steps == 0):
-                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, fingerprint=fingerprint, plan=plan, next_micro_batch=index + 1,
-                                progress=asdict(result))
+                world.write(save_checkpoint, checkpoint_dir, model=model, optimizer=optimizer,
+                            scheduler=scheduler, scaler=scaler, fingerprint=fingerprint, plan=plan,
+                            next_micro_batch=index + 1, progress=asdict(result))
                 crash_point(f"{stage}.checkpoint", result.optimizer_steps)
             crash_point(f"{stage}.step", result.optimizer_steps)
     if tracer is not None:
@@ -223,8 +244,10 @@ def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg
         # Out of the except block, so the exception's frames (and the activations they hold) are released.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if not allow_halving or cfg.micro_batch_size == 1:
-            raise UserError(f"{stage}: CUDA out of memory at micro_batch_size {cfg.micro_batch_size}. {advice()}")
+        ranks = current_world().size  # one rank cannot change the batching alone: halving is for one process
+        if not allow_halving or cfg.micro_batch_size == 1 or ranks > 1:
+            raise UserError(f"{stage}: CUDA out of memory at micro_batch_size {cfg.micro_batch_size}"
+                            f"{f' on one of {ranks} ranks' if ranks > 1 else ''}. {advice()}")
         smaller = replace(cfg, micro_batch_size=cfg.micro_batch_size // 2,
                           grad_accum_steps=cfg.grad_accum_steps * 2)
         from frugal_spin.ui import warn

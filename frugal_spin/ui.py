@@ -11,6 +11,14 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 console = Console(highlight=False)
+_quiet = False  # set on every rank but rank 0 of a multi-process run: one terminal shows the run
+
+
+def silence() -> None:
+    """No progress, notes or warnings from this process (another rank shows the same)."""
+    global _quiet
+    _quiet = True
+    console.quiet = True
 
 
 @contextmanager
@@ -52,7 +60,7 @@ def warn(text: str) -> None:
     """A problem the run handled itself (e.g. a corrupt cache file it recomputes): on stderr, one line."""
     from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+    Console(stderr=True, quiet=_quiet, highlight=False).print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 SUMMARY_COLUMNS = {"loss": "train_loss", "nll": "heldout_nll", "spin": "spin_loss", "margin": "reward_margin",
