@@ -1,0 +1,158 @@
+"""generation.engine: vllm, on the CPU against a recording stand-in of vLLM's API (`vllm.LLM`, `SamplingParams`,
+`vllm.lora.request.LoRARequest`): no vLLM is installed here and it needs CUDA. The stand-in records what the engine
+receives (the prompt ids, the adapter, the sampling settings and seeds) and answers with ids derived from them; the
+pipeline test runs the whole method with it (the CUDA check mocked) and checks that pairs.jsonl holds exactly its
+answers to exactly our prompt ids, from the opponent's adapter, and that scoring stays ours."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from frugal_spin import tiny_base
+from frugal_spin.io import read_jsonl, read_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+EOS = 2
+
+
+class Recorder:
+    def __init__(self):
+        self.engines, self.calls, self.closed = [], [], 0
+
+
+def _stand_in(recorder: Recorder, eos_id: int, vocab: int = 40):
+    """A fake `vllm` package: LLM(...) records its kwargs, generate(...) its prompts/params/adapter."""
+    vllm = types.ModuleType("vllm")
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LoRARequest:
+        def __init__(self, name, int_id, path):
+            self.name, self.int_id, self.path = name, int_id, path
+
+    class LLM:
+        def __init__(self, **kwargs):
+            recorder.engines.append(kwargs)
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            recorder.calls.append({"prompts": [p["prompt_token_ids"] for p in prompts],
+                                   "params": [p.kwargs for p in params], "adapter": lora_request.path,
+                                   "lora_name": lora_request.name})
+            outputs = []
+            for p, sp in zip(prompts, params):
+                seed = sp.kwargs["seed"]
+                ids = [3 + (seed + 7 * j + len(p["prompt_token_ids"])) % (vocab - 3) for j in range(3)]
+                finish = "length"
+                if seed % 2:  # half stop at eos, without returning it: the engine must add it back
+                    finish = "stop"
+                sample = types.SimpleNamespace(token_ids=tuple(ids), finish_reason=finish)
+                outputs.append(types.SimpleNamespace(outputs=[sample]))
+            return outputs
+
+    def __del__(self):  # noqa: E306
+        recorder.closed += 1
+
+    LLM.__del__ = __del__
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    request.LoRARequest = LoRARequest
+    vllm.lora, lora.request = lora, request
+    return {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}
+
+
+def test_the_engine_gets_our_prompt_ids_adapter_sampling_settings_and_a_seed_per_prompt(monkeypatch):
+    from frugal_spin import vllm_engine
+
+    recorder = Recorder()
+    for name, module in _stand_in(recorder, EOS).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import torch
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    make = lambda: vllm_engine.VllmOpponent("/base", lora_rank=12, load_in_4bit=True, dtype=torch.float16,  # noqa
+                                            max_model_len=96, gpu_memory_utilization=0.3, seed=5)
+    saved = []
+    answers = vllm_engine.generate_with_vllm(make, prompts, "/run/sft/adapter", max_new_tokens=9, temperature=0.7,
+                                             top_p=0.9, top_k=0, seed=11, eos_id=EOS, answered={1: [4, EOS]},
+                                             on_answers=lambda i, a: saved.append((i, a)))
+    (engine,) = recorder.engines
+    assert engine["enable_lora"] and engine["max_lora_rank"] == 16 and engine["max_loras"] == 1
+    assert engine["gpu_memory_utilization"] == 0.3 and engine["quantization"] == "bitsandbytes"
+    assert engine["seed"] == 5 and engine["dtype"] == "float16" and engine["model"] == "/base"
+    assert "distributed_executor_backend" not in engine  # one process: a plain engine
+    (call,) = recorder.calls
+    assert call["prompts"] == [prompts[0], prompts[2], prompts[3]]  # prompt 1 was answered before a crash
+    assert call["adapter"] == "/run/sft/adapter"
+    seeds = [vllm_engine.prompt_seed(11, i) for i in (0, 2, 3)]
+    assert [p["seed"] for p in call["params"]] == seeds
+    for p in call["params"]:
+        assert (p["temperature"], p["top_p"], p["top_k"], p["max_tokens"]) == (0.7, 0.9, -1, 9)
+        assert p["stop_token_ids"] == [EOS] and p["n"] == 1
+    assert answers[1] == [4, EOS] and len(answers) == 4
+    for i, seed in zip((0, 2, 3), seeds):
+        assert answers[i][-1:] == ([EOS] if seed % 2 else answers[i][-1:]) and len(answers[i]) == 3 + seed % 2
+    assert saved == [([0, 2, 3], [answers[0], answers[2], answers[3]])]
+    assert recorder.closed == 1  # freed before scoring and training
+
+
+def test_nothing_to_generate_builds_no_engine():
+    from frugal_spin import vllm_engine
+
+    def make():
+        raise AssertionError("no engine should be built")
+
+    assert vllm_engine.generate_with_vllm(make, [[1]], "/a", max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                          top_k=0, seed=0, eos_id=EOS, answered={0: [EOS]}) == [[EOS]]
+
+
+def test_vllm_on_the_cpu_is_one_clear_error(tmp_path, capsys):
+    from frugal_spin.__main__ import main
+
+    assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={tmp_path / 'r'}",
+                 "generation.engine=vllm"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: generation.engine: vllm needs a CUDA GPU (this run is on the "
+                                               "CPU); use generation.engine=hf")
+    assert not (tmp_path / "r").exists()  # refused before the run directory is touched
+
+
+def test_the_cpu_path_never_imports_vllm():
+    code = ("import sys, frugal_spin.__main__, frugal_spin.pipeline, frugal_spin.generate, frugal_spin.distributed; "
+            "assert 'vllm' not in sys.modules and 'frugal_spin.vllm_engine' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO),
+                                                                            "PATH": "/usr/bin:/bin"})
+
+
+def test_the_pipeline_takes_the_opponents_answers_from_vllm_and_scores_them_itself(tmp_path, monkeypatch,
+                                                                                    small_base_cache):
+    from conftest import SMALL_BASE
+    from frugal_spin import vllm_engine
+    from frugal_spin.__main__ import main
+
+    recorder = Recorder()
+    for name, module in _stand_in(recorder, EOS).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(vllm_engine, "check_vllm", lambda device: None)  # the stand-in runs on the CPU
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
+    monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+    run = tmp_path / "run"
+    assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={run}", "generation.engine=vllm",
+                 "data.fraction=0.01", "data.eval_size=8", "spin.iterations=1", "sft.epochs=1",
+                 "generation.max_new_tokens=8", "generation.temperature=0.5", "generation.top_k=5",
+                 "eval.max_new_tokens=4"]) == 0
+    assert [c["adapter"] for c in recorder.calls] == [str(run / "sft" / "adapter")] * 2  # anchor, iteration 0
+    assert recorder.closed == 2
+    pairs = read_jsonl(run / "iter_0" / "pairs.jsonl")
+    call = recorder.calls[1]
+    assert call["prompts"] == [p["prompt_ids"] for p in pairs]  # our prompt ids, in order
+    assert all(p["temperature"] == 0.5 and p["top_k"] == 5 and p["max_tokens"] == 8 for p in call["params"])
+    seed = 0 + 1000 * (0 + 1)  # the recipe's seed for iteration 0
+    assert [p["seed"] for p in call["params"]] == [vllm_engine.prompt_seed(seed, i) for i in range(len(pairs))]
+    logps = read_safetensors(run / "iter_0" / "opponent_logps.safetensors")
+    assert logps["generated"].shape == (len(pairs),) and logps["generated"].isfinite().all()
+    assert (logps["generated"] < 0).all()  # our scoring of the stand-in's ids, not anything vLLM returned
