@@ -557,7 +557,8 @@ def render(plan: Plan, recipe: Recipe) -> None:
     parts = list(plan.stages[0].parts)
     # MiB for small plans (the built-in tiny model), so the table does not read 0.00 everywhere.
     unit, scale = ("GiB", GIB) if plan.peak_bytes >= GIB else ("MiB", 1024 ** 2)
-    table = Table(title=f"peak memory per stage ({unit})")
+    # Under torchrun every rank holds its own base, adapter, optimizer state and micro-batch (distributed.py).
+    table = Table(title=f"peak memory per stage ({unit}), per GPU: the same on every rank of a torchrun launch")
     table.add_column("stage", no_wrap=True)
     for p in parts:
         table.add_column(COLUMN_TITLES.get(p, p), justify="right")
