@@ -122,6 +122,13 @@ class World:
         result = self.write(fn, *args, **kwargs)
         return result if self.rank == 0 else fn(*args, **kwargs)
 
+    def agree(self, value: T) -> T:
+        """Rank 0's `value` on every rank: for a choice made from the machine's state (free memory) that every rank
+        must make alike."""
+        if self.size == 1:
+            return value
+        return self._collective("agreeing on a setting", lambda: _broadcast(value))
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

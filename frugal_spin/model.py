@@ -273,7 +273,8 @@ def use_dequantized_cpu_weights(model: torch.nn.Module, cfg: ModelConfig) -> boo
     import psutil
 
     dense_bytes = sum(layer.in_features * layer.out_features * 4 for _, _, layer in linear_4bit_layers(model))
-    return 0 < dense_bytes < psutil.virtual_memory().available / 4
+    world = current_world()  # ranks on one machine each hold a copy; all must run on the same weights (rank 0's)
+    return world.agree(0 < dense_bytes < psutil.virtual_memory().available / (4 * world.local_size))
 
 
 def dequantize_4bit_layers(model: torch.nn.Module) -> int:

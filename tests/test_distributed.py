@@ -5,8 +5,8 @@ same one as in one process; the tolerance leaves room for the order of the gradi
 
 The 2-rank run is first killed (SIGKILL on rank 1 inside generation): torchrun stops rank 0 too, and the rerun
 resumes from both ranks' answer logs; so the equality also covers resuming. A rank that raises stops every rank
-with one `error:` line. The one-process reference runs with one thread, as each of the two ranks does on two cores,
-so that no number depends on how a matmul splits over threads."""
+with one `error:` line. Every process runs one thread (`model.threads=1`), so that no number depends on how a matmul
+splits over threads."""
 
 import json
 import os
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.fraction=0.01", "data.eval_size=8", "spin.iterations=1", "sft.epochs=1",
              "sft.micro_batch_size=4", "sft.grad_accum_steps=2", "spin.micro_batch_size=4", "spin.grad_accum_steps=2",
              "generation.max_new_tokens=8", "generation.batch_size=4", "eval.max_new_tokens=8", "eval.batch_size=4",
-             "distributed.timeout_s=60"]
+             "distributed.timeout_s=60", "model.threads=1"]
 # Faults for one rank only: RANK is set by torchrun for each worker.
 LAUNCHER = SMALL_BASE_PATCH + textwrap.dedent("""
     import os, sys
@@ -51,8 +51,7 @@ LAUNCHER = SMALL_BASE_PATCH + textwrap.dedent("""
 def _launch(tmp: Path, ranks: int, out: Path, cache: Path, **env: str) -> subprocess.CompletedProcess:
     script = tmp / "launch.py"
     script.write_text(LAUNCHER)
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "FRUGAL_SPIN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-                **env}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "FRUGAL_SPIN_CACHE": str(cache), **env}
     full_env.pop("FRUGAL_SPIN_CRASH_AT", None)
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={ranks}"]
