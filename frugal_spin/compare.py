@@ -3,7 +3,12 @@
 What it runs, for every seed s in recipe.seed, recipe.seed + 1, ... (`compare.seeds` of them):
 
 - the *SPIN arm*: the recipe's whole pipeline with `seed = s` in `<output_dir>/compare/seed_<s>/`, an ordinary run
-  directory (data sample, SFT adapter, anchor pairs, SPIN iterations, its own report);
+  directory (data sample, SFT adapter, anchor pairs, SPIN iterations with `spin.loss`, its own report);
+- one more *SPIN arm per other loss* of `compare.spin_losses`, in `seed_<s>/spin_<loss>/`: the same SPIN iterations
+  from the same SFT adapter with `spin.loss = <loss>`, evaluated on the same held-out prompts and anchor pairs.
+  A stage whose fingerprint equals the seed run's is copied from it, not recomputed: iteration 0's generation and
+  scoring (the opponent is the SFT adapter either way). Later iterations differ, since their opponent is the
+  loss's own previous adapter; training differs in every iteration (the loss is part of its fingerprint only);
 - the *equal-steps SFT arm* in `seed_<s>/sft_equal_steps/`: from that seed's SFT adapter, LoRA SFT on the same real
   answers with the recipe's `sft` settings (batch, schedule, and learning rate unless
   `compare.sft_arm_learning_rate` sets one), in one block per SPIN iteration, block t
@@ -55,6 +60,14 @@ from frugal_spin.train import plan_micro_batches, sft_step_fn, total_optimizer_s
 EQUAL_STEPS, EQUAL_TIME = "sft_equal_steps", "sft_equal_time"
 
 
+def loss_arms(recipe: Recipe) -> dict[str, str]:
+    """The SPIN arms of a comparison, {arm name: loss}: "spin" (the seed run, with spin.loss) first, then
+    "spin_<loss>" for every other loss in compare.spin_losses, in the order given."""
+    arms = {"spin": recipe.spin.loss}
+    arms.update({f"spin_{loss}": loss for loss in recipe.compare.spin_losses if loss != recipe.spin.loss})
+    return arms
+
+
 def compare_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.output_dir).expanduser() / "compare"
 
@@ -87,6 +100,9 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
         lm_eval_stage(run, run.store, "sft.lm_eval", run.run_dir / "sft" / "adapter", run.store.expected["sft"])
         lm_eval_stage(run, run.store, f"iter_{last}.lm_eval", run.run_dir / f"iter_{last}" / "adapter",
                       run.store.expected[f"iter_{last}.train"])
+        for arm, loss in loss_arms(recipe).items():
+            if arm != "spin":
+                SpinLossArm(run, arm, loss).execute()
         ContinuedSFT(run, EQUAL_STEPS, spin_steps_per_iteration(run.run_dir, recipe.spin.iterations)).execute()
         if i == 0:
             budget = equal_time_budget(run.run_dir, recipe.spin.iterations, recipe.compare.equal_time_threshold)
@@ -151,7 +167,31 @@ def sft_config_for_steps(sft: SFTConfig, n_items: int, steps: int) -> SFTConfig:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------------- the arm
+# ---------------------------------------------------------------------------------------------------- the arms
+
+class SpinLossArm:
+    """The seed's SPIN iterations again with another `spin.loss`, from the seed's SFT adapter, in
+    `<seed run>/<name>/` (`iter_<t>/`, `stages/`, `metrics.jsonl`, like the seed run's own iterations).
+
+    Runs the seed's loaded `Run` through a shallow copy whose recipe has the other loss and whose iterations and
+    store live in the arm's directory; SFT, anchor pairs and held-out data stay the seed's. Stages the seed run
+    already finished with the same fingerprint are copied from it (`Run._reuse_shared`)."""
+
+    def __init__(self, run: Run, name: str, loss: str):
+        self.run = run
+        self.arm = copy.copy(run)
+        self.arm.recipe = replace(run.recipe, spin=replace(run.recipe.spin, loss=loss))
+        self.arm.iter_root = run.run_dir / name
+        self.arm.store = StageStore(self.arm.iter_root)
+        self.arm.shared = run.store
+
+    def execute(self) -> None:
+        run, arm = self.run, self.arm
+        ui.note(f"[bold]compare: SPIN with loss {arm.recipe.spin.loss}[/bold]")
+        last_fp = arm.spin_iterations(run.store.expected["sft"], run.store.expected["anchor"])
+        last = arm.recipe.spin.iterations - 1
+        lm_eval_stage(arm, arm.store, f"iter_{last}.lm_eval", arm.iter_root / f"iter_{last}" / "adapter", last_fp)
+
 
 class ContinuedSFT:
     """Continued LoRA SFT from a seed's SFT adapter, in blocks of given optimizer steps, each block evaluated.

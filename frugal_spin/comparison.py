@@ -1,6 +1,7 @@
 """The results of `compare`: comparison.json, comparison.md and two charts, from the sub-runs' stage records.
 
-Inputs: `<compare dir>/seed_<s>/metrics.jsonl` (the SPIN arm and the shared SFT stage of seed s) and
+Inputs: `<compare dir>/seed_<s>/metrics.jsonl` (the SPIN arm with `spin.loss` and the shared SFT stage of seed s),
+`seed_<s>/spin_<loss>/metrics.jsonl` (the SPIN arms of the other losses of `compare.spin_losses`) and
 `seed_<s>/sft_equal_steps|sft_equal_time/metrics.jsonl` (the continued-SFT arms). Nothing is recomputed: every
 number is read from the records the stages wrote, so the comparison can be re-rendered at any time.
 
@@ -15,7 +16,8 @@ many seeds agree in sign, because both arms of a seed share the SFT adapter and 
 
 The hypothesis of the research brief, "the loss of the model trained by SPIN is lower than at the SFT stage", is
 checked for two losses: the held-out NLL of real answers and the SPIN loss on the held-out anchor pairs, comparing
-the SPIN arm after its last iteration with the SFT stage. It holds when the mean is lower; the statement says by
+every SPIN arm (one per SPIN loss) after its last iteration with the SFT stage. The anchor SPIN loss is always the
+paper's sigmoid member, whatever loss an arm trained with, so every arm is measured with the same yardstick. It holds when the mean is lower; the statement says by
 how much and whether that exceeds the spread. The same check on the continued-SFT arm says whether a gain is due
 to SPIN or just to more training.
 """
@@ -30,10 +32,10 @@ from typing import Any
 from frugal_spin.config import Recipe
 from frugal_spin.errors import UserError
 from frugal_spin.io import write_json, write_text
-from frugal_spin.report import EVAL_KEYS, LOG2, _ROLE_COLOURS, _save_png, build_report, read_records
+from frugal_spin.report import (DIAGNOSTIC_KEYS, DIAGNOSTIC_LABELS, EVAL_KEYS, LOG2, _ROLE_COLOURS, _save_png,
+                                build_report, iteration_diagnostics, logp_direction, read_records)
 
-ARM_LABELS = {"spin": "LoRA-SPIN", "sft_equal_steps": "LoRA-SFT, equal steps",
-              "sft_equal_time": "LoRA-SFT, equal wall time"}
+SFT_ARM_LABELS = {"sft_equal_steps": "LoRA-SFT, equal steps", "sft_equal_time": "LoRA-SFT, equal wall time"}
 METRIC_LABELS = {"heldout_nll": "held-out NLL of real answers", "spin_loss": "SPIN loss on held-out anchor pairs",
                  "reward_margin": "reward margin on anchor pairs", "reward_accuracy": "reward accuracy on anchor pairs",
                  "exact_match": "exact match (greedy)", "train_loss": "training loss of the block"}
@@ -87,7 +89,7 @@ def hypothesis_verdict(loss: str, sft_stage: list[float], after_training: list[f
     holds: the mean after training is lower than at the SFT stage; `exceeds_spread` qualifies it (see module doc).
     A higher or equal mean is reported as a negative result."""
     d = difference(after_training, sft_stage)
-    who = "SPIN" if arm == "spin" else ARM_LABELS.get(arm, arm)
+    who = arm_label(arm) if arm in SFT_ARM_LABELS else "SPIN" if arm == "spin" else f"SPIN ({arm[len('spin_'):]})"
     holds = d["difference"] < 0
     what = METRIC_LABELS.get(loss, loss)
     numbers = f"{_pm(d['after'])} after {who} vs {_pm(d['before'])} at the SFT stage"
@@ -131,9 +133,21 @@ def arm_difference(metric: str, spin: list[float], sft: list[float]) -> dict[str
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+def is_spin_arm(arm: str) -> bool:
+    return arm == "spin" or arm.startswith("spin_")
+
+
+def arm_label(arm: str, loss: str | None = None) -> str:
+    """"LoRA-SPIN (<loss>)" for a SPIN arm (the "spin" arm's loss must be given), the SFT arms' own labels."""
+    if arm in SFT_ARM_LABELS:
+        return SFT_ARM_LABELS[arm]
+    return f"LoRA-SPIN ({loss or arm[len('spin_'):]})"
+
+
 def _arm_records(compare_dir: Path, seed: int, arm: str) -> list[dict[str, Any]] | None:
-    """The stage records of one arm of one seed: the seed's own records for SPIN; the seed's setup/SFT/anchor/
-    sft.eval followed by the arm's blocks for an SFT arm. None when that arm did not run for the seed."""
+    """The stage records of one arm of one seed: the seed's own records for the "spin" arm; the seed's setup/SFT/
+    anchor/sft.eval followed by the arm's own stages for a loss arm (iterations) or an SFT arm (blocks). None when
+    that arm did not run for the seed."""
     seed_dir = compare_dir / f"seed_{seed}"
     seed_records = read_records(seed_dir)
     if arm == "spin":
@@ -175,11 +189,14 @@ def _train_point(stage: str) -> str | None:
     return None
 
 
-def collect(compare_dir: Path, seeds: list[int], iterations: int) -> dict[str, Any]:
-    """Per arm: metrics per point and cost per phase, each a list over seeds (same order as `seeds`)."""
+def collect(compare_dir: Path, seeds: list[int], iterations: int,
+            spin_arms: dict[str, str] | None = None) -> dict[str, Any]:
+    """Per arm: metrics per point and cost per phase, each a list over seeds (same order as `seeds`).
+    `spin_arms` is {arm: loss} for the SPIN arms (compare.loss_arms); default: the one "spin" arm, loss sigmoid."""
     points = ["sft"] + [f"iter_{t}" for t in range(iterations)]
+    spin_arms = spin_arms or {"spin": "sigmoid"}
     arms: dict[str, Any] = {}
-    for arm in ARM_LABELS:
+    for arm in [*spin_arms, *SFT_ARM_LABELS]:
         per_seed = [_arm_records(compare_dir, seed, arm) for seed in seeds]
         if all(r is None for r in per_seed):
             continue
@@ -189,7 +206,13 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int) -> dict[str, A
         metrics: dict[str, dict[str, list[float]]] = {p: {} for p in points}
         steps: dict[str, list[int]] = {p: [] for p in points[1:]}
         phases: dict[str, dict[str, Any]] = {}
+        diagnostics: dict[str, dict[str, list[float]]] = {p: {} for p in points[1:]}
         for records in per_seed:
+            if is_spin_arm(arm):
+                for row in iteration_diagnostics(records):
+                    for key, value in row.items():
+                        if key != "iteration" and value is not None and f"iter_{row['iteration']}" in diagnostics:
+                            diagnostics[f"iter_{row['iteration']}"].setdefault(key, []).append(value)
             for r in records:
                 point, train_point = _point_of(r["stage"]), _train_point(r["stage"])
                 if point in metrics:
@@ -218,9 +241,14 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int) -> dict[str, A
                     raise UserError(f"compare: {arm} has {key} at {point} for {len(values)} of {len(seeds)} seeds: "
                                     "rerun the compare command to finish it")
         arms[arm] = {
-            "label": ARM_LABELS[arm],
+            "label": arm_label(arm, spin_arms.get(arm)),
+            "loss": spin_arms.get(arm),
             "metrics": {p: {k: mean_std(v) for k, v in metrics[p].items()} for p in points},
             "optimizer_steps": {p: v for p, v in steps.items()},
+            # SPIN arms: per iteration, the diagnostics of report.iteration_diagnostics over seeds (a key only when
+            # every seed recorded it: runs made before the diagnostics existed have none)
+            "diagnostics": {p: {k: mean_std(v) for k, v in d.items() if len(v) == len(seeds)}
+                            for p, d in diagnostics.items()} if is_spin_arm(arm) else {},
             "phases": {name: {"role": e["role"], "memory_kind": e["memory_kind"],
                               "wall_time_s": mean_std(e["wall_time_s"]), "peak_mem_gib": mean_std(e["peak_mem_gib"])}
                        for name, e in phases.items()},
@@ -233,22 +261,29 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int) -> dict[str, A
 
 def summarize(compare_dir: Path, recipe: Recipe) -> dict[str, Any]:
     """comparison.json's content: the collected numbers, the hypothesis verdicts and SPIN-vs-SFT differences."""
-    from frugal_spin.compare import EQUAL_STEPS, equal_time_budget, seeds_of
+    from frugal_spin.compare import EQUAL_STEPS, equal_time_budget, loss_arms, seeds_of
 
     seeds = seeds_of(recipe)
     iterations = recipe.spin.iterations
-    data = collect(compare_dir, seeds, iterations)
+    spin_arms = loss_arms(recipe)
+    data = collect(compare_dir, seeds, iterations, spin_arms)
     arms, last = data["arms"], data["points"][-1]
-    if "spin" not in arms or EQUAL_STEPS not in arms:
-        raise UserError(f"compare: {compare_dir} has no finished SPIN and equal-steps SFT arms yet")
+    missing = [arm for arm in [*spin_arms, EQUAL_STEPS] if arm not in arms]
+    if missing:
+        raise UserError(f"compare: {compare_dir} has no finished {', '.join(missing)} arm yet: rerun the compare "
+                        "command")
     values = lambda arm, point, key: arms[arm]["metrics"][point][key]["values"]  # noqa: E731
     hypothesis = [hypothesis_verdict(loss, values(arm, "sft", loss), values(arm, last, loss), arm)
                   for arm in arms for loss in HYPOTHESIS_LOSSES]
     compared = [k for k in EVAL_KEYS if k in arms["spin"]["metrics"][last]]
     compared += sorted(k for k in arms["spin"]["metrics"][last] if k.startswith(LM_EVAL_PREFIX))
-    versus = {arm: [arm_difference(key, values("spin", last, key), values(arm, last, key)) for key in compared
-                    if key in arms[arm]["metrics"][last]]
-              for arm in arms if arm != "spin"}
+    sft_arms = [arm for arm in arms if not is_spin_arm(arm)]
+
+    def versus(spin_arm: str) -> dict[str, list[dict[str, Any]]]:
+        return {arm: [arm_difference(key, values(spin_arm, last, key), values(arm, last, key)) for key in compared
+                      if key in arms[arm]["metrics"][last] and key in arms[spin_arm]["metrics"][last]]
+                for arm in sft_arms}
+
     return {
         "compare_dir": str(compare_dir),
         "seeds": seeds,
@@ -260,7 +295,9 @@ def summarize(compare_dir: Path, recipe: Recipe) -> dict[str, Any]:
         "points": data["points"],
         "arms": arms,
         "hypothesis": hypothesis,
-        "spin_vs_sft": versus,
+        "spin_vs_sft": versus("spin"),  # the "spin" arm (spin.loss) against each SFT arm
+        # every SPIN arm (one per loss, "spin" included) against each SFT arm: {spin arm: {sft arm: [...]}}
+        "spin_arms_vs_sft": {arm: versus(arm) for arm in spin_arms},
     }
 
 
@@ -269,34 +306,41 @@ def summarize(compare_dir: Path, recipe: Recipe) -> dict[str, Any]:
 def _markdown(summary: dict[str, Any], command: str) -> str:
     arms, points, last = summary["arms"], summary["points"], summary["points"][-1]
     budget = summary["budget"]
+    spin_arms = [a for a in arms if is_spin_arm(a)]
+    losses = ", ".join(arms[a]["loss"] for a in spin_arms)
     lines = [f"# LoRA-SPIN vs LoRA-SFT: {len(summary['seeds'])} seeds ({', '.join(map(str, summary['seeds']))}), "
-             f"{summary['spin_iterations']} SPIN iterations, device {summary['device']}", "",
+             f"{summary['spin_iterations']} SPIN iterations, SPIN loss{'es' if len(spin_arms) > 1 else ''} "
+             f"{losses}, device {summary['device']}", "",
              f"Reproduce: `{command}`. Values are mean ± sample std over seeds; each seed is its own data sample, "
-             "SFT run and SPIN/SFT sampling and batch order, with both arms of a seed starting from that seed's SFT "
-             "adapter.", "", "## The hypothesis: \"the loss of the model trained by SPIN is lower than at the SFT "
-             "stage\"", ""]
+             "SFT run and SPIN/SFT sampling and batch order, with every arm of a seed starting from that seed's SFT "
+             "adapter. The SPIN loss on the anchor pairs is the paper's (sigmoid) for every arm, whatever loss the "
+             "arm trained with.", "", "## The hypothesis: \"the loss of the model trained by SPIN is lower than at "
+             "the SFT stage\"", ""]
     for h in summary["hypothesis"]:
-        tag = "**SPIN**" if h["arm"] == "spin" else f"control, {ARM_LABELS[h['arm']]}"
+        label = arms[h["arm"]]["label"]
+        tag = f"**{label}**" if is_spin_arm(h["arm"]) else f"control, {label}"
         lines.append(f"- {tag}: {h['verdict']}. {h['statement']}")
-    lines += ["", f"## SPIN against continued SFT after the last iteration ({last})", "",
-              f"Difference = SPIN − SFT arm; {summary['criterion']}.", ""]
-    header = ["metric", "LoRA-SPIN"]
-    for arm in summary["spin_vs_sft"]:
-        header += [ARM_LABELS[arm], "difference", "better", "beyond spread", "seeds where SPIN is better"]
-    rows = []
-    keys = [d["metric"] for d in next(iter(summary["spin_vs_sft"].values()))]
-    for key in keys:
-        row = [METRIC_LABELS.get(key, key), _pm(arms["spin"]["metrics"][last][key])]
-        for arm, diffs in summary["spin_vs_sft"].items():
-            d = next((d for d in diffs if d["metric"] == key), None)
-            if d is None:
-                row += ["–"] * 5
-                continue
-            row += [_pm(d["sft"]), f"{d['difference']:+.4f}", d["better"],
-                    "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no",
-                    f"{d['seeds_spin_better']} of {len(d['paired_differences'])}"]
-        rows.append(row)
-    lines += _table(header, rows)
+    lines += ["", "## Verdict per SPIN loss", ""]
+    by_arm = {}
+    for h in summary["hypothesis"]:
+        by_arm.setdefault(h["arm"], {})[h["loss"]] = h
+    for arm in spin_arms:
+        parts = [f"{METRIC_LABELS[loss]} {by_arm[arm][loss]['verdict']}" for loss in HYPOTHESIS_LOSSES]
+        for sft_arm, diffs in summary["spin_arms_vs_sft"][arm].items():
+            better = [d["metric"] for d in diffs if d["better"] == "spin"]
+            beyond = [d["metric"] for d in diffs if d["exceeds_spread"]]
+            beyond_spin = [m for m in beyond if m in better]
+            parts.append(f"against {arm_label(sft_arm)}: SPIN better on {len(better)} of {len(diffs)} metrics"
+                         + (f" ({', '.join(better)})" if better else "")
+                         + f", beyond the spread on {len(beyond)}"
+                         + (f" (SPIN better on {', '.join(beyond_spin)})" if beyond_spin else
+                            " (none in SPIN's favour)" if beyond else ""))
+        lines.append(f"- **{arms[arm]['label']}**: " + "; ".join(parts) + ".")
+    for arm in spin_arms:
+        lines += ["", f"## {arms[arm]['label']} against continued SFT after the last iteration ({last})", "",
+                  f"Difference = SPIN − SFT arm; {summary['criterion']}.", ""]
+        lines += _versus_table(arms, arm, summary["spin_arms_vs_sft"][arm], last)
+    lines += _diagnostics_markdown(arms, spin_arms)
     lines += ["", "## Budgets", "",
               "Optimizer steps per iteration/block: " + "; ".join(
                   f"{a['label']} {[round(statistics.fmean(v)) for v in a['optimizer_steps'].values()]}"
@@ -315,8 +359,9 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
     rows = [[a["label"], p, *[_pm(a["metrics"][p][k]) if k in a["metrics"][p] else "–" for k in metric_keys]]
             for a in arms.values() for p in points]
     lines += _table(header, rows)
-    lines += ["", "Training loss: the SPIN loss on the iteration's pairs for SPIN, the NLL per answer token for SFT "
-              "(mean of the block's last 20 optimizer steps).", "", "## Wall time and peak memory per phase", ""]
+    lines += ["", "Training loss: the arm's own SPIN loss on the iteration's pairs for SPIN (so the losses' scales "
+              "differ: log 2, 1 and 2 log 2 at the start for sigmoid, hinge and space), the NLL per answer token for "
+              "SFT (mean of the block's last 20 optimizer steps).", "", "## Wall time and peak memory per phase", ""]
     rows = []
     for a in arms.values():
         for name, ph in a["phases"].items():
@@ -324,10 +369,55 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
     kind = next((ph["memory_kind"] for a in arms.values() for ph in a["phases"].values() if ph["memory_kind"]), None)
     mem = {"cpu_rss": "peak RSS (GiB)", "cuda_allocated": "peak CUDA allocated (GiB)"}.get(kind, "peak memory (GiB)")
     lines += _table(["arm", "phase", "wall time (s)", mem], rows)
-    lines += ["", "The SFT arms share the seed's SFT and SFT-eval phases with the SPIN arm (run once). Setup (loading "
-              "the base and data) is not counted: it is the same for every arm and measured again on every resume.", "",
+    lines += ["", "Every arm shares the seed's SFT and SFT-eval phases (run once). The SPIN arms of other losses "
+              "copy iteration 0's generation and scoring from the seed run (same opponent) and are charged its "
+              "recorded time, so each arm's row is what it would cost alone. Setup (loading the base and data) is not "
+              "counted: it is the same for every arm and measured again on every resume.", "",
               "![metrics per iteration](comparison_metrics.png)", "", "![timeline](comparison_timeline.png)", ""]
     return "\n".join(lines)
+
+
+def _diagnostics_markdown(arms: dict[str, Any], spin_arms: list[str]) -> list[str]:
+    keys = [k for part in DIAGNOSTIC_KEYS.values() for k in part
+            if any(k in d for a in spin_arms for d in arms[a]["diagnostics"].values())]
+    if not keys:
+        return []
+    rows = [[arms[a]["label"], p, *[_pm(d[k], 3) if k in d else "–" for k in keys]]
+            for a in spin_arms for p, d in arms[a]["diagnostics"].items()]
+    lines = ["", "## Diagnostics per SPIN iteration", "",
+             "Iteration t's pairs are sampled by its opponent (the SFT model for iter_0, else the arm's own model "
+             "after iteration t−1). \"Near\": token-level edit similarity >= 0.9 to the real answer, special tokens "
+             "removed. Δ log p: the player's change in nats per answer, on the iteration's training pairs against "
+             "its opponent (mean of the last optimizer steps) and on the held-out anchor pairs against the SFT "
+             "model.", "", *_table(["arm", "iteration", *[DIAGNOSTIC_LABELS[k] for k in keys]], rows), ""]
+    for a in spin_arms:
+        for p, d in arms[a]["diagnostics"].items():
+            if "real_logp_change" in d and "generated_logp_change" in d:
+                lines.append(f"- {arms[a]['label']}, {p}: on its training pairs SPIN "
+                             f"{logp_direction(d['real_logp_change']['mean'], d['generated_logp_change']['mean'])}"
+                             " (means over seeds).")
+    return lines
+
+
+def _versus_table(arms: dict[str, Any], spin_arm: str, versus: dict[str, list[dict[str, Any]]],
+                  last: str) -> list[str]:
+    header = ["metric", arms[spin_arm]["label"]]
+    for arm in versus:
+        header += [arms[arm]["label"], "difference", "better", "beyond spread", "seeds where SPIN is better"]
+    rows = []
+    keys = [d["metric"] for d in next(iter(versus.values()))]
+    for key in keys:
+        row = [METRIC_LABELS.get(key, key), _pm(arms[spin_arm]["metrics"][last][key])]
+        for diffs in versus.values():
+            d = next((d for d in diffs if d["metric"] == key), None)
+            if d is None:
+                row += ["–"] * 5
+                continue
+            row += [_pm(d["sft"]), f"{d['difference']:+.4f}", d["better"],
+                    "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no",
+                    f"{d['seeds_spin_better']} of {len(d['paired_differences'])}"]
+        rows.append(row)
+    return _table(header, rows)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -336,7 +426,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------ charts
 
-_ARM_COLOURS = {"spin": "#2ca02c", "sft_equal_steps": "#1f77b4", "sft_equal_time": "#9467bd"}
+_ARM_COLOURS = {"spin": "#2ca02c", "sft_equal_steps": "#1f77b4", "sft_equal_time": "#9467bd",
+                "spin_sigmoid": "#2ca02c", "spin_hinge": "#d62728", "spin_space": "#ff7f0e"}
 
 
 def _metrics_png(summary: dict[str, Any], path: Path) -> None:
@@ -352,7 +443,7 @@ def _metrics_png(summary: dict[str, Any], path: Path) -> None:
             xs = [i + 0.06 * (offset - 1) for i in range(len(points))]  # side by side, so error bars stay legible
             ax.errorbar(xs, [math.nan if s is None else s["mean"] for s in stats],
                         yerr=[0.0 if s is None or s["std"] is None else s["std"] for s in stats],
-                        marker="o", capsize=3, color=_ARM_COLOURS[name], label=arm["label"])
+                        marker="o", capsize=3, color=_ARM_COLOURS.get(name, "#8c564b"), label=arm["label"])
         if key == "spin_loss":
             ax.axhline(LOG2, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(points)), points)
@@ -382,7 +473,7 @@ def _timeline_png(summary: dict[str, Any], path: Path) -> None:
                            if width < 0.08 * _total_time(arms) else 0)
             peak = ph["peak_mem_gib"]["mean"]
             if peak is not None:
-                memax.hlines(peak, start, start + width, color=_ARM_COLOURS[name], linewidth=2,
+                memax.hlines(peak, start, start + width, color=_ARM_COLOURS.get(name, "#8c564b"), linewidth=2,
                              label=arm["label"] if start == 0.0 else None)
             start += width
     gantt.set_yticks(range(len(arms)), [a["label"] for a in arms.values()])

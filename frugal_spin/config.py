@@ -147,6 +147,9 @@ class SpinConfig(TrainConfig):
     # The SPIN paper trains iteration t on the pairs of iterations t-1 and t: when on, iteration t >= 1 also
     # trains on iteration t-1's pairs, scored again by iteration t's opponent (see Run._score_previous_pairs).
     mix_previous_pairs: bool = False
+    # The SPIN loss family (losses.py): "sigmoid" (the paper's logistic loss), "hinge" (the official code's
+    # alternative) or "space" (noise-contrastive estimation on absolute rewards, after SPACE). Same cost for all.
+    loss: Literal["sigmoid", "hinge", "space"] = "sigmoid"
 
     def validate(self, section: str) -> None:
         super().validate(section)
@@ -258,6 +261,10 @@ class CompareConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int = 0  # examples per task; 0 = all
     lm_eval_include_path: str = ""  # a directory of extra task YAML files (local data), "" = the registry only
+    # SPIN losses run as arms of the comparison (spin.loss always runs, in the seed directory itself; every other
+    # loss listed here gets seed_<s>/spin_<loss>/). [] = spin.loss only. Each extra loss costs one more set of SPIN
+    # iterations per seed; iteration 0's generation and scoring are shared (same opponent: the SFT adapter).
+    spin_losses: list[Literal["sigmoid", "hinge", "space"]] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.seeds < 1:
@@ -271,6 +278,9 @@ class CompareConfig:
             raise UserError(f"compare.lm_eval_limit must be >= 0 (0 = all), got {self.lm_eval_limit}")
         if self.lm_eval_include_path and not Path(self.lm_eval_include_path).expanduser().is_dir():
             raise UserError(f"compare.lm_eval_include_path {self.lm_eval_include_path} is not a directory")
+        repeated = sorted({loss for loss in self.spin_losses if self.spin_losses.count(loss) > 1})
+        if repeated:
+            raise UserError(f"compare.spin_losses names {', '.join(repeated)} more than once")
 
 
 @dataclass

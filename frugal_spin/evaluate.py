@@ -7,7 +7,11 @@ Outputs: a flat dict of metrics:
 - `spin_loss`, `reward_margin`, `reward_accuracy`: the SPIN objective on the anchor pairs with the SFT model as
   the opponent. After SFT these are log 2, 0 and 0 by construction; after SPIN iteration t they show how far the
   player has moved towards the real answers and away from SFT-style answers, on prompts it never trained on.
-  A fixed opponent makes the numbers comparable across iterations (and with a continued-SFT baseline);
+  A fixed opponent makes the numbers comparable across iterations (and with a continued-SFT baseline). The loss
+  is always the paper's sigmoid member, whatever `spin.loss` trained with, so every loss is measured alike;
+- `anchor_real_logp_change`, `anchor_generated_logp_change`: the mean change, in nats per answer, of the model's
+  log-prob of the real and of the SFT-sampled answers on the anchor pairs against the SFT model: whether a margin
+  comes from raising real answers or from pushing sampled ones down (both 0 after SFT);
 - `exact_match`: greedy answers equal to the real ones, only for tasks whose answers can be checked exactly.
 """
 
@@ -37,9 +41,11 @@ def anchor_spin_metrics(model, prompts, real, generated, opponent_real: torch.Te
                                   chunk_size=chunk_size)
     player_generated = score_responses(model, list(zip(prompts, generated)), pad_id=pad_id, batch_size=batch_size,
                                        chunk_size=chunk_size)
-    out = spin_loss(player_real, player_generated, opponent_real, opponent_generated, beta)
+    out = spin_loss(player_real, player_generated, opponent_real, opponent_generated, beta)  # always sigmoid
     return {"spin_loss": out.loss.item(), "reward_margin": out.margins.mean().item(),
-            "reward_accuracy": out.accuracy.item()}
+            "reward_accuracy": out.accuracy.item(),
+            "anchor_real_logp_change": (player_real - opponent_real).mean().item(),
+            "anchor_generated_logp_change": (player_generated - opponent_generated).mean().item()}
 
 
 def exact_match(model, tokenizer, examples: Sequence[Encoded], answers: Sequence[str],

@@ -42,6 +42,13 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """Copy a file's bytes to `target`, atomically like the writers."""
+    import shutil
+
+    _atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

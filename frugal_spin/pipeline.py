@@ -9,6 +9,8 @@ exactly what was used.
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import shutil
 from dataclasses import asdict, replace
@@ -24,9 +26,11 @@ from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encod
 from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
+from frugal_spin.diagnostics import answer_diagnostics, end_token_rate
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
-from frugal_spin.io import read_jsonl, read_safetensors, write_json, write_jsonl, write_safetensors, write_text
+from frugal_spin.io import (copy_file, read_jsonl, read_safetensors, write_json, write_jsonl, write_safetensors,
+                            write_text)
 from frugal_spin.live_log import LiveLog, check_log_backends
 from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
                                resolve_base_path, resolve_runtime, save_adapter)
@@ -68,6 +72,11 @@ class Run:
         # Several ranks (torchrun) run every stage together; the world shards the work and `write` runs a stage's
         # writes on one rank, then a barrier. One process: `write(fn)` is `fn()`.
         self.world = current_world()
+        # Where the SPIN iterations live (iter_<t>/): the run directory itself, except for the extra loss arms of
+        # `compare` (compare.SpinLossArm), which keep their iterations in a subdirectory and take finished stages
+        # with the same fingerprint (iteration 0's generation and scoring) from `shared`, the seed run's store.
+        self.iter_root = run_dir
+        self.shared: StageStore | None = None
         self.runtime = resolve_runtime(recipe.model)
         self.chunk = recipe.model.logprob_chunk_size
         self.model = None
@@ -224,7 +233,9 @@ class Run:
             tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
             self.store.complete("anchor", fp, "generate", {**self._weights(),  # tokens: generated, then scored
                 "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
-                **_max_memory(gen, score)}, gen.wall_s + score.wall_s, outputs=[pairs_path, logps_path])
+                "mean_answer_tokens": sum(len(x["generated_ids"]) for x in rows) / max(1, len(rows)),
+                **self._answer_diagnostics(rows), **_max_memory(gen, score)}, gen.wall_s + score.wall_s,
+                outputs=[pairs_path, logps_path])
             AnswerLog.remove(self.run_dir / "eval" / "anchor_answers.partial.jsonl")
 
         self.world.write(finish)
@@ -283,7 +294,7 @@ class Run:
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
         r = self.recipe
-        it_dir = self.run_dir / f"iter_{t}"
+        it_dir = self.iter_root / f"iter_{t}"
         pairs_path, logps_path = it_dir / "pairs.jsonl", it_dir / "opponent_logps.safetensors"
         # The opponent is base + the previous stage's adapter, read back from disk (never the bare base); its
         # identity includes the adapter files' hash, so pairs and log-probs always name what produced them.
@@ -292,9 +303,11 @@ class Run:
 
         gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t)
         score_fp = fingerprint("score", gen_fp)
-        if not self.store.completed(f"iter_{t}.generate", gen_fp):
+        if not self.store.completed(f"iter_{t}.generate", gen_fp) and \
+                not self._reuse_shared(f"iter_{t}.generate", gen_fp, [pairs_path]):
             self._generate_iteration(t, pairs_path, gen_fp, opponent_dir)
-        if not self.store.completed(f"iter_{t}.score", score_fp):
+        if not self.store.completed(f"iter_{t}.score", score_fp) and \
+                not self._reuse_shared(f"iter_{t}.score", score_fp, [logps_path]):
             self._score_stage(f"iter_{t}", f"iter_{t}.score", score_fp, pairs_path, logps_path)
 
         previous_fp = self._score_previous_pairs(t, opponent) if r.spin.mix_previous_pairs and t > 0 else None
@@ -309,12 +322,12 @@ class Run:
         rows = read_jsonl(pairs_path)
         cache = read_safetensors(logps_path)
         if previous_fp is not None:
-            rows += read_jsonl(self.run_dir / f"iter_{t - 1}" / "pairs.jsonl")
+            rows += read_jsonl(self.iter_root / f"iter_{t - 1}" / "pairs.jsonl")
             previous = read_safetensors(it_dir / "previous_pairs_logps.safetensors")
             cache = {key: torch.cat([cache[key], previous[key]]) for key in ("real", "generated")}
         step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], [x["real_ids"] for x in rows],
                             [x["generated_ids"] for x in rows], cache["real"], cache["generated"], beta,
-                            self.pad_id, self.chunk, self.runtime.device)
+                            self.pad_id, self.chunk, self.runtime.device, loss=r.spin.loss)
         lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
         with StageMeter(self.runtime.device) as meter:
             result, used = self._train(f"iter_{t}.train", r.spin, "spin", train_fp, lengths, step,
@@ -323,8 +336,15 @@ class Run:
         def finish() -> None:
             save_adapter(self.model, adapter_dir)
             crash_point(f"iter_{t}.train.saved")
+            summary = result.summary()
             self.store.complete(f"iter_{t}.train", train_fp, "train",
-                                {**self._weights(), **result.summary(), **_batching(used), "pairs": len(rows), "beta": beta,
+                                {**self._weights(), **summary, **_batching(used), "pairs": len(rows), "beta": beta,
+                                 "loss": r.spin.loss,
+                                 # The player's log-prob change against this iteration's opponent, in nats per
+                                 # answer (the rewards without beta), over the last optimizer steps: does SPIN raise
+                                 # the real answers or only push the generated ones down?
+                                 "real_logp_change": summary.get("train_real_reward", math.nan) / beta,
+                                 "generated_logp_change": summary.get("train_generated_reward", math.nan) / beta,
                                  "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
                                  "loss_curve": result.losses,
                                  "margin_curve": result.metrics.get("reward_margin", [])},
@@ -346,17 +366,39 @@ class Run:
         if previous_pairs_fp is None:  # pragma: no cover - execute() runs the iterations in order
             raise RuntimeError(f"iteration {t - 1} has not been generated in this run")
         fp = fingerprint("score-previous", opponent, previous_pairs_fp)
-        path = self.run_dir / f"iter_{t}" / "previous_pairs_logps.safetensors"
+        path = self.iter_root / f"iter_{t}" / "previous_pairs_logps.safetensors"
         if self.store.completed(f"iter_{t}.score_previous", fp):
             return fp
         self._score_stage(f"iter_{t} previous", f"iter_{t}.score_previous", fp,
-                          self.run_dir / f"iter_{t - 1}" / "pairs.jsonl", path)
+                          self.iter_root / f"iter_{t - 1}" / "pairs.jsonl", path)
         return fp
+
+    def _reuse_shared(self, name: str, fp: str, outputs: list[Path]) -> bool:
+        """Take a finished stage with this fingerprint from the shared store (the seed run of a loss arm): copy its
+        outputs to the same places under this store and record it with the original metrics and wall time (the
+        cost of producing it, which every arm's budget includes), plus where it came from. False when there is
+        nothing to take."""
+        if self.shared is None:
+            return False
+        record = self.shared.peek(name, fp)
+        if record is None:
+            return False
+        source = os.path.relpath(self.shared.run_dir / name.split(".")[0], self.store.run_dir)  # "../iter_0"
+
+        def finish() -> None:
+            for path in outputs:
+                copy_file(self.shared.run_dir / path.relative_to(self.store.run_dir), path)
+            self.store.complete(name, fp, record["kind"], {**record["metrics"], "reused_from": source},
+                                record["wall_time_s"], outputs=outputs)
+
+        self.world.write(finish)
+        ui.note(f"[dim]{name}: same as the seed run's (fingerprint {fp}), copied[/dim]")
+        return True
 
     def _trace(self, kind: str, stage: str) -> dict[str, Any]:
         if self.recipe.profile.trace != kind:
             return {}
-        return {"trace_dir": self.run_dir / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
+        return {"trace_dir": self.iter_root / "traces" / stage, "trace_steps": self.recipe.profile.trace_steps}
 
     def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str, opponent_dir: Path) -> None:
         log_path = pairs_path.with_name("answers.partial.jsonl")
@@ -372,13 +414,21 @@ class Run:
             gen_tokens = sum(len(x["generated_ids"]) for x in rows)
             self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
                 "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
-                "mean_answer_tokens": gen_tokens / max(1, len(rows)),
+                "mean_answer_tokens": gen_tokens / max(1, len(rows)), **self._answer_diagnostics(rows),
                 "answers_without_eos": sum(1 for x in rows
                                            if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
                 **gen.memory}, gen.wall_s, outputs=[pairs_path])
             AnswerLog.remove(log_path)
 
         self.world.write(finish)
+
+    def _answer_diagnostics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """How close the opponent's answers are to the real ones, how long they are and how often they end
+        (diagnostics.py); the end token is the tokenizer's eos, the one the generation stops at."""
+        eos = self.tokenizer.eos_token_id
+        without_end = sum(1 for x in rows if x["generated_ids"][-1:] != [eos])
+        return {**answer_diagnostics(rows, self.tokenizer.all_special_ids),
+                "end_token_rate": end_token_rate(len(rows), without_end)}
 
     def _score_stage(self, label: str, stage: str, fp: str, pairs_path: Path, logps_path: Path) -> None:
         """Score a pairs file with the loaded adapter into `logps_path` (the cache carries the stage fingerprint
@@ -450,6 +500,15 @@ class Run:
 
     # ------------------------------------------------------------ the whole method
 
+    def spin_iterations(self, sft_fp: str, anchor_fp: str) -> str:
+        """Every SPIN iteration with its evaluation, from the SFT adapter; returns the last adapter's fingerprint."""
+        opponent_dir, opponent_fp = self.run_dir / "sft" / "adapter", sft_fp
+        for t in range(self.recipe.spin.iterations):
+            player_fp = self.spin_iteration(t, opponent_dir, opponent_fp)
+            opponent_dir, opponent_fp = self.iter_root / f"iter_{t}" / "adapter", player_fp
+            self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
+        return opponent_fp
+
     def execute(self) -> list[dict[str, Any]]:
         try:
             return self._execute()
@@ -470,11 +529,7 @@ class Run:
         sft_fp = self.run_sft()
         anchor_fp = self.make_anchor(sft_fp)
         self.evaluate("sft.eval", self.run_dir / "sft" / "adapter", sft_fp, anchor_fp)
-        opponent_dir, opponent_fp = self.run_dir / "sft" / "adapter", sft_fp
-        for t in range(r.spin.iterations):
-            player_fp = self.spin_iteration(t, opponent_dir, opponent_fp)
-            opponent_dir, opponent_fp = self.run_dir / f"iter_{t}" / "adapter", player_fp
-            self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
+        self.spin_iterations(sft_fp, anchor_fp)
         records = self.store.records()
 
         def finish() -> None:

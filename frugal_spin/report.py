@@ -58,6 +58,19 @@ _ITER_STAGE = re.compile(r"^iter_(\d+)\.(generate|score|score_previous|train|eva
 _BLOCK_STAGE = re.compile(r"^block_(\d+)\.(train|eval)$")
 LOG2 = math.log(2.0)
 
+# Diagnostics per SPIN iteration: where SPIN's margin comes from (the player's log-prob change on real and on
+# generated answers) and what the opponent's answers look like (diagnostics.py), by the stage that records them.
+DIAGNOSTIC_KEYS = {"generate": ("identical_share", "near_share", "mean_answer_tokens", "end_token_rate"),
+                   "train": ("real_logp_change", "generated_logp_change"),
+                   "eval": ("anchor_real_logp_change", "anchor_generated_logp_change")}
+DIAGNOSTIC_LABELS = {
+    "identical_share": "opponent answers = real", "near_share": "opponent answers near real (sim >= 0.9)",
+    "mean_answer_tokens": "opponent answer tokens (mean)", "end_token_rate": "opponent answers that end",
+    "real_logp_change": "Δ log p real vs opponent (train pairs)",
+    "generated_logp_change": "Δ log p generated vs opponent (train pairs)",
+    "anchor_real_logp_change": "Δ log p real vs SFT (held-out anchors)",
+    "anchor_generated_logp_change": "Δ log p SFT sample vs SFT (held-out anchors)"}
+
 # Phase roles pick the colour of a bar and say which phases are the brief's own.
 _ROLE_COLOURS = {"setup": "#9e9e9e", "sft": "#1f77b4", "generate": "#ff7f0e", "spin": "#2ca02c",
                  "eval": "#c7c7c7", "other": "#8c564b"}
@@ -231,7 +244,41 @@ def build_report(records: list[dict[str, Any]], expected_iterations: int | None 
         "last_stage": stages[-1]["stage"],
         # Curves are for the chart; kept in the JSON so the figure can be redrawn from report.json alone.
         "curves": curves,
+        "diagnostics": iteration_diagnostics(records),
+        "anchor_diagnostics": {k: v for k, v in next((r["metrics"] for r in records if r["stage"] == "anchor"),
+                                                     {}).items() if k in DIAGNOSTIC_KEYS["generate"]},
     }
+
+
+def iteration_diagnostics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per SPIN iteration t found in `records`: the diagnostics of its pairs (sampled by its opponent,
+    `iter_<t>.generate`), the player's log-prob change on them against that opponent (`iter_<t>.train`: nats per
+    answer over the last optimizer steps) and on the held-out anchor pairs against the SFT model (`iter_<t>.eval`).
+    A key a stage did not record (a run made before it existed, a stage not finished) is None."""
+    by_stage = {r["stage"]: r["metrics"] for r in records}
+    rows = []
+    t = 0
+    while any(f"iter_{t}.{part}" in by_stage for part in DIAGNOSTIC_KEYS):
+        row: dict[str, Any] = {"iteration": t}
+        for part, keys in DIAGNOSTIC_KEYS.items():
+            metrics = by_stage.get(f"iter_{t}.{part}", {})
+            row.update({k: metrics.get(k) for k in keys})
+        rows.append(row)
+        t += 1
+    return rows
+
+
+def logp_direction(real: float | None, generated: float | None) -> str:
+    """In words: what the player did to the log-probs of the real and of the generated answers."""
+    if real is None or generated is None or not (math.isfinite(real) and math.isfinite(generated)):
+        return "not recorded"
+    verb = lambda x: "raised" if x > 0 else "lowered" if x < 0 else "left"  # noqa: E731
+    words = f"{verb(real)} real answers ({real:+.3g} nats), {verb(generated)} generated ones ({generated:+.3g})"
+    if real < 0 and generated < 0:
+        words += ": both log-probs decrease, the margin comes from pushing generated answers down faster"
+    elif real > 0 and generated < 0:
+        words += ": the margin comes from both sides"
+    return words
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
@@ -319,6 +366,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
                        [[r["stage"], _num(r["optimizer_steps"]), _num(r["train_loss"]),
                          _num(r["train_reward_margin"]), _num(r["train_reward_accuracy"])]
                         for r in report["training"]])]
+    out += _diagnostics_markdown(report)
     out += ["", "![metrics](metrics.png)", ""]
     return "\n".join(out)
 
@@ -336,6 +384,23 @@ def _samples_markdown(evaluations: list[dict[str, Any]]) -> list[str]:
         rows = [["real answer", quote(first["real"])]]
         rows += [[e["label"], quote(e["samples"][i]["greedy"])] for e in with_samples if i < len(e["samples"])]
         out += ["", f"**Prompt {i + 1}:** {quote(first['prompt'])}", "", _table(["", "answer"], rows)]
+    return out
+
+
+def _diagnostics_markdown(report: dict[str, Any]) -> list[str]:
+    rows, anchor = report["diagnostics"], report["anchor_diagnostics"]
+    if not rows and not anchor:
+        return []
+    keys = [k for part in DIAGNOSTIC_KEYS.values() for k in part]
+    table = [["SFT samples (held-out anchors)", *[_num(anchor.get(k)) for k in keys]]] if anchor else []
+    table += [[f"iter{r['iteration']}", *[_num(r[k]) for k in keys]] for r in rows]
+    out = ["", "## Diagnostics per SPIN iteration", "",
+           "Iteration t's pairs are sampled by its opponent (the SFT model for t = 0, else iteration t−1's model); "
+           "\"near\" is token-level edit similarity >= 0.9 to the real answer (special tokens removed); Δ log p is "
+           "the player's change in nats per answer.", "", _table(["", *[DIAGNOSTIC_LABELS[k] for k in keys]], table)]
+    for r in rows:
+        out.append(f"- iter{r['iteration']}: on its training pairs SPIN "
+                   f"{logp_direction(r['real_logp_change'], r['generated_logp_change'])}.")
     return out
 
 

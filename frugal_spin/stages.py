@@ -60,6 +60,15 @@ class StageStore:
     def completed(self, name: str, fp: str) -> dict[str, Any] | None:
         """The stage's record if it finished with this fingerprint and its outputs are intact, else None."""
         self.expected[name] = fp
+        record = self.peek(name, fp)
+        if record is not None:
+            self.write_metrics()  # a resumed run lists the stages it skipped too
+        return record
+
+    def peek(self, name: str, fp: str) -> dict[str, Any] | None:
+        """Like `completed`, but without registering the stage as one this store's run expects: for reading another
+        run directory's finished stages (a loss arm reusing the seed run's generation) without touching its
+        metrics.jsonl."""
         path = self._marker(name)
         if not path.is_file():
             return None
@@ -76,7 +85,6 @@ class StageStore:
 
                 warn(f"{name}: {rel} is {problem}; recomputing the stage")
                 return None
-        self.write_metrics()  # a resumed run lists the stages it skipped too
         return record
 
     @staticmethod

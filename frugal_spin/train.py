@@ -306,9 +306,11 @@ def spin_step_fn(
     pad_id: int,
     chunk_size: int,
     device,
+    loss: str = "sigmoid",
 ) -> StepFn:
     """Player log-probs of the real and generated answers in one forward (2B sequences), against the cached
-    opponent log-probs: no opponent forward pass, no reference model in memory.
+    opponent log-probs: no opponent forward pass, no reference model in memory. `loss` names the member of the
+    SPIN loss family (`losses.SPIN_LOSSES`, the recipe's `spin.loss`).
 
     The prompt is not shared between the two answers: sharing it would need a custom attention mask (two answer
     branches over one prompt prefix) that SDPA/FlashAttention paths do not take from transformers models, and the
@@ -322,7 +324,7 @@ def spin_step_fn(
                                   chunk_size=chunk_size)
         n = len(batch)
         out = spin_loss(logps[:n], logps[n:], opponent_real[batch].to(device), opponent_generated[batch].to(device),
-                        beta)
+                        beta, loss)
         metrics = {"reward_margin": out.margins.mean().item(), "reward_accuracy": out.accuracy.item(),
                    "real_reward": out.real_rewards.mean().item(),
                    "generated_reward": out.generated_rewards.mean().item()}

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")
 TINY = ["data.fraction=0.05", "data.eval_size=24", "sft.epochs=1", "generation.max_new_tokens=16",
         "generation.batch_size=32", "eval.max_new_tokens=16", "eval.batch_size=32"]
-COMPARE = TINY + ["spin.iterations=2", "compare.seeds=2"]
+# Two SPIN losses as arms: the recipe's spin.loss (sigmoid, in seed_<s>/) and space (in seed_<s>/spin_space/).
+COMPARE = TINY + ["spin.iterations=2", "compare.seeds=2", "compare.spin_losses=[sigmoid, space]"]
 
 
 def _main(cache: Path, args: list[str]) -> int:
@@ -66,12 +67,14 @@ def test_comparison_json_matches_the_sub_runs(compare_dir):
     arms = summary["arms"]
     budget = summary["budget"]
     assert budget["equal_time_arm"] == (abs(budget["relative_difference"]) > budget["threshold"])
-    assert set(arms) == {"spin", "sft_equal_steps"} | ({"sft_equal_time"} if budget["equal_time_arm"] else set())
+    assert set(arms) == {"spin", "spin_space", "sft_equal_steps"} | (
+        {"sft_equal_time"} if budget["equal_time_arm"] else set())
+    assert arms["spin"]["loss"] == "sigmoid" and arms["spin_space"]["label"] == "LoRA-SPIN (space)"
     for arm in arms:
         for i, seed in enumerate(summary["seeds"]):
             seed_records = _records(compare_dir / f"seed_{seed}")
             arm_records = seed_records if arm == "spin" else _records(compare_dir / f"seed_{seed}" / arm)
-            stage = "iter" if arm == "spin" else "block"
+            stage = "iter" if arm.startswith("spin") else "block"
             # Every arm starts at the seed's own SFT evaluation.
             assert arms[arm]["metrics"]["sft"]["heldout_nll"]["values"][i] == \
                 seed_records["sft.eval"]["metrics"]["heldout_nll"]
@@ -99,6 +102,38 @@ def test_comparison_json_matches_the_sub_runs(compare_dir):
     assert list(arms["spin"]["phases"])[:4] == ["SFT", "SFT eval", "iter0 generate", "iter0"]
     assert list(arms["sft_equal_steps"]["phases"]) == ["SFT", "SFT eval", "SFT block0", "block0 eval",
                                                       "SFT block1", "block1 eval"]
+    assert list(arms["spin_space"]["phases"]) == list(arms["spin"]["phases"])
+    # A verdict per SPIN loss, each against every SFT arm.
+    assert set(summary["spin_arms_vs_sft"]) == {"spin", "spin_space"}
+    assert summary["spin_arms_vs_sft"]["spin"] == summary["spin_vs_sft"]
+    markdown = (compare_dir / "comparison.md").read_text()
+    assert "## Verdict per SPIN loss" in markdown and "**LoRA-SPIN (space)**: held-out NLL" in markdown
+    assert "## LoRA-SPIN (space) against continued SFT" in markdown
+
+
+def test_loss_arms_share_iteration_0s_generation_and_scoring_and_nothing_they_should_not(compare_dir):
+    """The loss is part of training's fingerprint only: iteration 0 (opponent = the SFT adapter) generates and
+    scores once per seed; training, and everything after it, differs per loss."""
+    for seed in (0, 1):
+        main, arm = compare_dir / f"seed_{seed}", compare_dir / f"seed_{seed}" / "spin_space"
+        marker = lambda d, name: json.loads((d / "stages" / f"{name}.json").read_text())  # noqa: E731
+        for stage, output in (("iter_0.generate", "iter_0/pairs.jsonl"),
+                              ("iter_0.score", "iter_0/opponent_logps.safetensors")):
+            assert marker(arm, stage)["fingerprint"] == marker(main, stage)["fingerprint"]
+            assert marker(arm, stage)["metrics"]["reused_from"] == "../iter_0"
+            assert marker(arm, stage)["wall_time_s"] == marker(main, stage)["wall_time_s"]  # its cost, charged
+            assert (arm / output).read_bytes() == (main / output).read_bytes()
+        for stage in ("iter_0.train", "iter_0.eval", "iter_1.generate", "iter_1.score", "iter_1.train"):
+            assert marker(arm, stage)["fingerprint"] != marker(main, stage)["fingerprint"], stage
+            assert "reused_from" not in marker(arm, stage)["metrics"]
+        # The two arms trained differently from the same start: their adapters differ.
+        assert (arm / "iter_0" / "adapter").is_dir()
+        assert _records(arm)["iter_0.train"]["metrics"]["train_loss"] != \
+            _records(main)["iter_0.train"]["metrics"]["train_loss"]
+        # The seed run's own metrics.jsonl is untouched by the arm's reading of its markers.
+        assert [r["stage"] for r in read_jsonl(main / "metrics.jsonl")][:3] == ["setup", "sft", "anchor"]
+        assert not any(r["stage"].startswith("iter_") and "reused_from" in r["metrics"]
+                       for r in read_jsonl(main / "metrics.jsonl"))
 
 
 def test_rerun_with_nothing_changed_redoes_nothing(compare_dir, root):
@@ -304,7 +339,7 @@ def test_lm_eval_hook_scores_sft_and_every_arms_last_adapter(root):
     pytest.importorskip("lm_eval")
     tasks = _arithmetic_choice_task(root / "lm_tasks")
     args = ["compare", RECIPE, f"output_dir={root / 'lm'}", *TINY, "spin.iterations=1", "compare.seeds=1",
-            "compare.lm_eval_tasks=[arith_choice]", f"compare.lm_eval_include_path={tasks}"]
+            "compare.lm_eval_tasks=[arith_choice]", f"compare.lm_eval_include_path={tasks}", "compare.spin_losses=[]"]
     assert _main(root / "cache", args) == 0
     compare = root / "lm" / "compare"
     summary = json.loads((compare / "comparison.json").read_text())

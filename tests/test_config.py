@@ -83,6 +83,9 @@ def test_defaults_and_typed_overrides():
     ({}, ["spin.beta"], "not of the form section.key=value"),
     ({}, ["spin.beta=[1"], "not valid YAML"),
     ({}, ["spin.beta.x=1"], "spin.beta is not a section"),
+    ({}, ["spin.loss=ipo"], "spin.loss must be 'sigmoid' | 'hinge' | 'space', got 'ipo'"),
+    ({}, ["compare.spin_losses=[hinge, dpo]"], "compare.spin_losses[1] must be 'sigmoid' | 'hinge' | 'space'"),
+    ({}, ["compare.spin_losses=[hinge, space, hinge]"], "compare.spin_losses names hinge more than once"),
 ])
 def test_bad_recipes_name_the_key(data, overrides, message):
     with pytest.raises(UserError) as info:

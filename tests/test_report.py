@@ -250,3 +250,35 @@ def test_console_summary_states_skipped_and_truncated_rows():
                                               "truncated prompts 2")
     records[0]["metrics"] = {"train_examples": 5, "heldout_examples": 1}
     assert summary_table(records).caption.endswith("no row skipped or truncated")
+
+
+def test_diagnostics_per_iteration_come_from_their_stages(tmp_path):
+    records = _records(iterations=2)
+    by_stage = {r["stage"]: r for r in records}
+    by_stage["anchor"]["metrics"].update(identical_share=0.5, near_share=0.6, mean_answer_tokens=9.0,
+                                         end_token_rate=1.0)
+    for t, (real, generated) in enumerate([(-0.5, -2.0), (0.25, -1.0)]):
+        by_stage[f"iter_{t}.generate"]["metrics"].update(identical_share=0.1 * (t + 1), near_share=0.2 * (t + 1),
+                                                          mean_answer_tokens=10.0 + t, end_token_rate=0.9 - 0.1 * t)
+        by_stage[f"iter_{t}.train"]["metrics"].update(real_logp_change=real, generated_logp_change=generated)
+        by_stage[f"iter_{t}.eval"]["metrics"].update(anchor_real_logp_change=real / 2,
+                                                      anchor_generated_logp_change=generated / 2)
+    report = render_report(_run_dir(tmp_path, records, iterations=2))
+    assert report["anchor_diagnostics"] == {"identical_share": 0.5, "near_share": 0.6, "mean_answer_tokens": 9.0,
+                                            "end_token_rate": 1.0}
+    assert report["diagnostics"][1] == {"iteration": 1, "identical_share": 0.2, "near_share": 0.4,
+                                        "mean_answer_tokens": 11.0, "end_token_rate": 0.8, "real_logp_change": 0.25,
+                                        "generated_logp_change": -1.0, "anchor_real_logp_change": 0.125,
+                                        "anchor_generated_logp_change": -0.5}
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "## Diagnostics per SPIN iteration" in markdown
+    assert "iter0: on its training pairs SPIN lowered real answers (-0.5 nats), lowered generated ones (-2): both " \
+           "log-probs decrease" in markdown
+    assert "iter1: on its training pairs SPIN raised real answers (+0.25 nats), lowered generated ones (-1): the " \
+           "margin comes from both sides" in markdown
+
+
+def test_runs_without_diagnostics_still_report(tmp_path):
+    report = render_report(_run_dir(tmp_path, _records(iterations=1), iterations=1))
+    assert report["diagnostics"][0]["real_logp_change"] is None and report["anchor_diagnostics"] == {}
+    assert "not recorded" in (tmp_path / "run" / "report.md").read_text()
