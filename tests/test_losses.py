@@ -127,3 +127,17 @@ def test_space_loss_is_stable_for_large_rewards():
 def test_unknown_loss_is_refused():
     with pytest.raises(ValueError, match="unknown SPIN loss 'ipo'"):
         spin_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.1, loss="ipo")
+
+
+def test_at_zero_rewards_sigmoid_and_space_have_the_same_gradient_and_hinge_twice_it():
+    """Why the three losses train alike while the rewards stay small (|β·Δlog p| << 1, as in the CPU runs):
+    d/dr(y), d/dr(y') are (-1/2, +1/2) for sigmoid and space and (-1, +1) for hinge at r = 0, and Adam's updates do
+    not depend on a constant gradient scale. They part only once the rewards reach order 1."""
+    grads = {}
+    for loss in SPIN_LOSSES:
+        player_real = torch.tensor([-10.0], requires_grad=True)
+        player_generated = torch.tensor([-20.0], requires_grad=True)
+        spin_loss(player_real, player_generated, torch.tensor([-10.0]), torch.tensor([-20.0]), beta=1.0,
+                  loss=loss).loss.backward()
+        grads[loss] = (player_real.grad.item(), player_generated.grad.item())
+    assert grads == {"sigmoid": (-0.5, 0.5), "space": (-0.5, 0.5), "hinge": (-1.0, 1.0)}

@@ -31,7 +31,7 @@ def _records(iterations: int, cuda: bool = False) -> list[dict]:
         {"stage": "anchor", "kind": "generate", "wall_time_s": 0.5, "metrics": {"pairs": 20, **_mem(cuda, 0.50)}},
         {"stage": "sft.eval", "kind": "eval", "wall_time_s": 0.25,
          "metrics": {"heldout_nll": 2.4, "spin_loss": math.log(2), "reward_margin": 0.0, "reward_accuracy": 0.0,
-                     "exact_match": 0.1, "samples": [{"prompt": "p", "answer": "a"}], **_mem(cuda, 0.51)}},
+                     "exact_match": 0.1, "samples": [{"prompt": "p", "real": "a", "greedy": "g"}], **_mem(cuda, 0.51)}},
     ]
     for t in range(iterations):
         recs += [
@@ -105,7 +105,8 @@ def test_full_run_writes_files_with_the_input_numbers(tmp_path):
     last_eval = records[-1]["metrics"]
     assert report["evaluations"][2] == {"stage": "iter_1.eval", "label": "iter1",
                                         **{k: last_eval[k] for k in ("heldout_nll", "spin_loss", "reward_margin",
-                                                                     "reward_accuracy", "exact_match")}}
+                                                                     "reward_accuracy", "exact_match")},
+                                        "samples": []}
     assert [c["loss_curve"] for c in report["curves"]] == [[3.0, 2.8, 2.6, 2.5], [0.69, 0.66, 0.64]] + [
         [0.69, 0.66, 0.64]]
 
