@@ -22,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SPINNER = "while True: pass"
+# Set these to run torch/MKL/oneDNN with AVX2 kernels only on an AVX-512 machine (results across CPU kinds).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def one_run(threads: str, busy: bool, overrides: list[str], root: Path) -> dict:
@@ -40,11 +42,15 @@ def one_run(threads: str, busy: bool, overrides: list[str], root: Path) -> dict:
             competitor.kill()
             competitor.wait()
     records = {r["stage"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    last_eval = [r for name, r in records.items() if name.endswith(".eval")][-1]["metrics"]
+    evals = {name: r["metrics"] for name, r in records.items() if name.endswith(".eval")}
+    last_eval = list(evals.values())[-1]
     return {"threads": threads, "load": "busy" if busy else "quiet", "wall_s": round(wall, 1),
             "torch_threads": records["setup"]["metrics"].get("torch_threads"),
             "load_avg_before": round(load_before, 2), "exact_match": last_eval.get("exact_match"),
-            "heldout_nll": round(last_eval["heldout_nll"], 4)}
+            "heldout_nll": round(last_eval["heldout_nll"], 4), "env": {k: os.environ[k] for k in KERNEL_ENV
+                                                                        if k in os.environ},
+            "evals": {name: {k: round(m[k], 4) for k in ("heldout_nll", "spin_loss", "reward_accuracy",
+                                                         "exact_match") if k in m} for name, m in evals.items()}}
 
 
 def main() -> None:
