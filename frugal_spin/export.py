@@ -93,8 +93,14 @@ def _use_dequantised_weights(plain, base: str, recipe) -> int:
         for name, module in quantized.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                plain_modules[name].weight.copy_(weight.to(torch.float32).reshape(plain_modules[name].weight.shape))
-                replaced += 1
+            elif isinstance(module, torch.nn.Linear) and name in plain_modules:
+                # model.cpu_4bit_weights may have dequantised the layer already (model.dequantize_4bit_layers);
+                # a layer never quantised (the head, skipped layers) copies its own weights: no change.
+                weight = module.weight.data
+            else:
+                continue
+            plain_modules[name].weight.copy_(weight.to(torch.float32).reshape(plain_modules[name].weight.shape))
+            replaced += 1
     del quantized
     return replaced
 
