@@ -10,7 +10,9 @@ YAML. The defaults are the built-in CPU recipe's values; a recipe file only stat
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ BUILTIN_DATASET = "builtin:arithmetic"
 # chitchat-dataset 0.9.0 from its pinned PyPI wheel, as ultrachat-schema rows (tasks/chitchat.py).
 BUILTIN_CHITCHAT = "builtin:chitchat"
 BUILTIN_DATASETS = (BUILTIN_DATASET, BUILTIN_CHITCHAT)
+# Held-out rows the built-in task can draw quickly: its rejection sampler slows down as distinct problems run out
+# (5,000 took 8 s on 2 busy cores, 20,000 took 73 s) and 10^6 would never finish.
+BUILTIN_MAX_EVAL_SIZE = 5000
 
 
 @dataclass
@@ -97,6 +102,9 @@ class DataConfig:
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
         _positive("data.eval_size", self.eval_size)
+        if self.dataset == BUILTIN_DATASET and self.eval_size > BUILTIN_MAX_EVAL_SIZE:
+            raise UserError(f"data.eval_size={self.eval_size} is more than the built-in task {BUILTIN_DATASET} "
+                            f"draws ({BUILTIN_MAX_EVAL_SIZE:,} held-out problems at most); lower it")
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.max_answer_tokens", self.max_answer_tokens)
 
@@ -162,7 +170,7 @@ class SpinConfig(TrainConfig):
                 raise UserError(f"spin.beta lists one value per iteration: got {len(self.beta)} values for "
                                 f"spin.iterations={self.iterations}")
             if any(b <= 0 for b in self.beta):
-                raise UserError(f"spin.beta values must be > 0, got {self.beta}")
+                raise UserError(f"spin.beta values must be > 0, got {short(self.beta)}")
         elif self.beta <= 0:
             raise UserError(f"spin.beta must be > 0, got {self.beta}")
 
@@ -318,18 +326,127 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Bounds on what a recipe's YAML may build: recipes are a few dozen keys two levels deep, so anything near these is
+# a mistake or an attack (an alias "billion laughs" expands 9 aliases of 9 aliases of ... into 9^9 values; 5,000
+# nested brackets overflow the parser's recursion). The limits are checked while composing, before any value is
+# built, so neither ever reaches the type checks or an error message.
+MAX_YAML_DEPTH = 50
+MAX_YAML_NODES = 10_000  # after alias expansion
+MAX_RECIPE_BYTES = 1 << 20
+MAX_INT = 2 ** 63 - 1  # torch seeds and counts are int64; YAML ints are unbounded Python ints
+
+
+class RecipeYAMLError(yaml.YAMLError):
+    """A recipe the loader refuses on purpose (duplicate key, too deep, too large): the message is already one
+    bounded line."""
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 (PyYAML) reads `1e-4` as a string because it wants a dot in floats; recipes and overrides are
+    """A SafeLoader (no Python objects, nothing executed) that refuses duplicate keys and bounds depth and size.
+
+    YAML 1.1 (PyYAML) reads `1e-4` as a string because it wants a dot in floats; recipes and overrides are
     written by people who expect `learning_rate: 1e-4` to be a number, as in YAML 1.2 and Python."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
 
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys: a second `spin:` section would silently replace the first.
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first_line.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it below
+                    continue
+                if seen is not None:
+                    raise RecipeYAMLError(f"duplicate key {short(key)} at line {key_node.start_mark.line + 1} "
+                                          f"(first at line {seen}): each key may appear once")
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "").lstrip("+-")
+        if len(text) > 25:  # int() refuses > 4,300 digits with a ValueError; no recipe number is this long
+            raise RecipeYAMLError(f"the number at line {node.start_mark.line + 1} has {len(text)} digits")
+        return super().construct_yaml_int(node)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
 
 
+def _check_expanded_size(root) -> None:
+    """Count the nodes the document stands for once every alias is expanded (shared nodes counted per use)."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise RecipeYAMLError(f"an alias refers to itself (line {node.start_mark.line + 1})")
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > MAX_YAML_NODES:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > MAX_YAML_NODES:
+                    break
+        in_progress.discard(key)
+        if total > MAX_YAML_NODES:
+            raise RecipeYAMLError(f"expands to more than {MAX_YAML_NODES:,} values (aliases included; line "
+                                  f"{node.start_mark.line + 1})")
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects, nothing executed
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects, nothing executed
+    except RecursionError:  # pragma: no cover - the depth bound stops well before Python's limit
+        raise RecipeYAMLError("nested too deeply") from None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
+def short(value: Any) -> str:
+    """repr() with bounded length and depth: every value a user wrote that goes into a message goes through this,
+    so a huge or self-similar value never makes a huge (or endless) message."""
+    return _SHORT.repr(value)
 
 
 def _positive(key: str, value: int | float) -> None:
@@ -350,6 +467,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _TypeMismatch(UserError):
+    """The value has another type than the field (as opposed to the right type with a bad value)."""
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float). Raise UserError naming `key`."""
     origin = typing.get_origin(tp)
@@ -363,7 +484,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(key, value, option)
-            except UserError:
+            except _TypeMismatch:  # a value of the right type but out of range (NaN, ...) keeps its own message
                 continue
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
@@ -373,16 +494,22 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise UserError(f"{key} is out of range (|value| > 2^63 - 1), got {short(value)}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN passes every `x <= 0` range check (all comparisons are False) and inf overflows schedules:
+            # both are refused here, for every float field at once.
+            if not math.isfinite(value):
+                raise UserError(f"{key} must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a programming error in the dataclasses above
         raise TypeError(f"unsupported annotation {tp!r} for {key}")
-    raise UserError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise _TypeMismatch(f"{key} must be {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -390,7 +517,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise UserError(f"unknown key {prefix}{key!s} (valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+            raise UserError(f"unknown key {prefix}{short(key) if not isinstance(key, str) else key[:80]} (valid keys{' in ' + prefix[:-1] if prefix else ''}: "
                             f"{', '.join(names)})")
     kwargs = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in data.items()}
     return cls(**kwargs)
@@ -402,15 +529,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as a YAML scalar/list)."""
     if "=" not in text:
-        raise UserError(f"override {text!r} is not of the form section.key=value")
+        raise UserError(f"override {short(text)} is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
     path = dotted.strip().split(".")
     if not all(path):
-        raise UserError(f"override {text!r} has an empty key")
+        raise UserError(f"override {short(text)} has an empty key")
     try:
         value = _yaml(raw) if raw.strip() else ""
+    except RecipeYAMLError as exc:
+        raise UserError(f"override {short(text)}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"override {text!r}: value is not valid YAML ({_first_line(exc)})") from None
+        raise UserError(f"override {short(text)}: value is not valid YAML ({_first_line(exc)})") from None
     return path, value
 
 
@@ -424,17 +553,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
                 where = ".".join(path[:i])
-                raise UserError(f"override {text!r}: unknown key {'.'.join(path[:i + 1])} "
+                raise UserError(f"override {short(text)}: unknown key {short('.'.join(path[:i + 1]))[1:-1]} "
                                 f"(valid keys{' in ' + where if where else ''}: {', '.join(names)})")
             if i == len(path) - 1:
                 node[part] = value
                 break
             cls = typing.get_type_hints(cls)[part]
             if not dataclasses.is_dataclass(cls):
-                raise UserError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+                raise UserError(f"override {short(text)}: {'.'.join(path[:i + 1])} is not a section")
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise UserError(f"{'.'.join(path[:i + 1])} must be a section (a mapping), got {child!r}")
+                raise UserError(f"{'.'.join(path[:i + 1])} must be a section (a mapping), got {short(child)}")
             node = child
     return data
 
@@ -451,11 +580,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"recipe {path} is {path.stat().st_size:,} bytes: a recipe is a few KB (limit "
+                            f"{MAX_RECIPE_BYTES:,})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {_first_line(exc)}") from None
     try:
         data = _yaml(text)
+    except RecipeYAMLError as exc:
+        raise UserError(f"recipe {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from None
     if data is None:
@@ -470,4 +604,6 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+    """An exception's text on one line, at most 300 characters (a YAML error quotes the offending line)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
