@@ -1,12 +1,7 @@
-"""Stage markers, metrics.jsonl, and the output directory checks."""
+"""Stage markers and metrics.jsonl (the output directory checks: tests/test_rundir.py)."""
 
 import json
 
-import pytest
-
-from frugal_spin.config import Recipe
-from frugal_spin.errors import UserError
-from frugal_spin.pipeline import prepare_run_dir
 from frugal_spin.stages import StageStore, fingerprint
 
 
@@ -38,19 +33,3 @@ def test_a_torn_marker_is_not_trusted(tmp_path):
 def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
-
-
-def test_restart_wipes_a_run_but_never_another_directory(tmp_path):
-    run = tmp_path / "run"
-    prepare_run_dir(Recipe(output_dir=str(run)), restart=False)
-    (run / "stages").mkdir()
-    (run / "stages" / "sft.json").write_text("{}")
-    prepare_run_dir(Recipe(output_dir=str(run)), restart=True)
-    assert (run / "recipe.yaml").is_file() and not (run / "stages").exists()
-
-    precious = tmp_path / "precious"
-    precious.mkdir()
-    (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError, match="not a frugal_spin run directory"):
-        prepare_run_dir(Recipe(output_dir=str(precious)), restart=True)
-    assert (precious / "thesis.tex").read_text() == "years of work"
