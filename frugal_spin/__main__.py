@@ -1,6 +1,7 @@
 """Command line.
 
-    python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run]   run the whole method
+    python -m frugal_spin RECIPE.yaml [section.key=value ...] [--restart] [--dry-run] [--allow-existing-dir]
+                                                                                         run the whole method
     python -m frugal_spin report RUN_DIR                                                 re-render report.md/json/PNGs
     python -m frugal_spin plan RECIPE.yaml [overrides] [--gpu t4|l4|a10|a100-40|a100-80|h100]  estimate peak memory
     python -m frugal_spin compare RECIPE.yaml [overrides]   LoRA-SPIN vs continued LoRA-SFT over seeds -> comparison.md
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from frugal_spin.errors import UserError
 
@@ -28,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override recipe values, type-checked like the file (e.g. spin.iterations=1)")
     parser.add_argument("--restart", action="store_true",
-                        help="delete the earlier run in output_dir and start over (default: resume)")
+                        help="delete what the earlier run in output_dir wrote and start over (default: resume); "
+                             "only in a frugal_spin run directory, and other files there are kept")
+    parser.add_argument("--allow-existing-dir", action="store_true",
+                        help="write the run into an existing non-empty directory that is not a run directory "
+                             "(files with the names a run writes, e.g. report.md, are replaced)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe and print the resolved plan without loading weights or data")
     return parser
@@ -82,7 +88,7 @@ def report_main(argv: list[str]) -> int:
 
 
 def run_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come after --restart too
     from frugal_spin.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -98,7 +104,7 @@ def run_main(argv: list[str]) -> int:
 
     # Under torchrun / accelerate launch: join the other ranks (one process: nothing happens).
     distributed.init_from_env(recipe.distributed.timeout_s, resolve_runtime(recipe.model).device.type)
-    run_recipe(recipe, restart=args.restart)
+    run_recipe(recipe, restart=args.restart, allow_existing=args.allow_existing_dir)
     distributed.shutdown()  # not on an error: `main` first asks the other ranks whether they said it already
     return 0
 
@@ -169,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         line = current().error_line(exc)  # with several ranks: said once, by the rank that knows why
         if line is not None:
             print(line, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from frugal_spin.io import disk_full_message, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # A full disk anywhere else (a library's own write): one line with the file when the error names it.
+        print(f"error: {disk_full_message(Path(exc.filename or '.'), None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)

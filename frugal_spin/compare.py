@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import gc
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ from frugal_spin.live_log import check_log_backends
 from frugal_spin.lm_eval_hook import check_lm_eval_available, run_lm_eval
 from frugal_spin.model import check_model_reference, load_adapter_weights, resolve_runtime, save_adapter
 from frugal_spin.checkpoint import remove_checkpoint
-from frugal_spin.pipeline import Run, absolute_progress, prepare_run_dir
+from frugal_spin.distributed import current as current_world
+from frugal_spin.pipeline import Run, absolute_progress, prepared_run_dir
+from frugal_spin.preflight import preflight
+from frugal_spin.rundir import check_output_dir, refuse_wrong_root
 from frugal_spin.profiler import StageMeter
 from frugal_spin.report import read_records
 from frugal_spin.stages import StageStore, fingerprint
@@ -89,30 +93,38 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
     check_log_backends(recipe.log)
     apply_threads(recipe.model.threads)
     compare_dir = compare_dir_of(recipe)
+    refuse_wrong_root(compare_dir)
     seeds = seeds_of(recipe)
+    seed_recipes = [replace(recipe, seed=seed, output_dir=str(compare_dir / f"seed_{seed}")) for seed in seeds]
+    for seed_recipe in seed_recipes:  # every seed directory is usable before the first one starts
+        check_output_dir(Path(seed_recipe.output_dir), restart=False, allow_existing=False)
     equal_time_steps: list[int] | None = None
-    for i, seed in enumerate(seeds):
+    for i, (seed, seed_recipe) in enumerate(zip(seeds, seed_recipes)):
         ui.note(f"[bold]compare: seed {seed} ({i + 1}/{len(seeds)})[/bold]")
-        seed_recipe = replace(recipe, seed=seed, output_dir=str(compare_dir / f"seed_{seed}"))
-        run = Run(seed_recipe, prepare_run_dir(seed_recipe, restart=False))
-        run.execute()  # the SPIN arm; finished stages are skipped
-        last = recipe.spin.iterations - 1
-        lm_eval_stage(run, run.store, "sft.lm_eval", run.run_dir / "sft" / "adapter", run.store.expected["sft"])
-        lm_eval_stage(run, run.store, f"iter_{last}.lm_eval", run.run_dir / f"iter_{last}" / "adapter",
-                      run.store.expected[f"iter_{last}.train"])
-        for arm, loss in loss_arms(recipe).items():
-            if arm != "spin":
-                SpinLossArm(run, arm, loss).execute()
-        ContinuedSFT(run, EQUAL_STEPS, spin_steps_per_iteration(run.run_dir, recipe.spin.iterations)).execute()
-        if i == 0:
-            budget = equal_time_budget(run.run_dir, recipe.spin.iterations, recipe.compare.equal_time_threshold)
-            equal_time_steps = budget["equal_time_steps"]
-        if equal_time_steps is not None:
-            ContinuedSFT(run, EQUAL_TIME, equal_time_steps).execute()
-        del run  # one model in memory at a time: free this seed's before the next seed loads its own
+        world = current_world()
+        checked = world.first(preflight, seed_recipe)  # the data sample depends on the seed
+        with ExitStack() as stack:
+            # Rank 0 (the only process outside torchrun) opens the seed's directory and holds its lock.
+            run_dir = world.write(stack.enter_context, prepared_run_dir(seed_recipe))
+            run = Run(seed_recipe, run_dir, checked)
+            run.execute()  # the SPIN arm; finished stages are skipped
+            last = recipe.spin.iterations - 1
+            lm_eval_stage(run, run.store, "sft.lm_eval", run.run_dir / "sft" / "adapter", run.store.expected["sft"])
+            lm_eval_stage(run, run.store, f"iter_{last}.lm_eval", run.run_dir / f"iter_{last}" / "adapter",
+                          run.store.expected[f"iter_{last}.train"])
+            for arm, loss in loss_arms(recipe).items():
+                if arm != "spin":
+                    SpinLossArm(run, arm, loss).execute()
+            ContinuedSFT(run, EQUAL_STEPS, spin_steps_per_iteration(run.run_dir, recipe.spin.iterations)).execute()
+            if i == 0:
+                budget = equal_time_budget(run.run_dir, recipe.spin.iterations, recipe.compare.equal_time_threshold)
+                equal_time_steps = budget["equal_time_steps"]
+            if equal_time_steps is not None:
+                ContinuedSFT(run, EQUAL_TIME, equal_time_steps).execute()
+        del run, checked  # one model in memory at a time: free this seed's before the next seed loads its own
         gc.collect()
     render_comparison(compare_dir, recipe, command)
-    ui.note(f"comparison: {compare_dir / 'comparison.md'}")
+    ui.note(f"comparison: {ui.escape(str(compare_dir / 'comparison.md'))}")
     return compare_dir
 
 
@@ -259,7 +271,7 @@ def lm_eval_stage(run: Run, store: StageStore, name: str, adapter_dir: Path, ada
         return
     load_adapter_weights(run.model, adapter_dir)
     with StageMeter(run.runtime.device) as meter:
-        ui.note(f"{name}: lm-evaluation-harness on {', '.join(c.lm_eval_tasks)}")
+        ui.note(f"{name}: lm-evaluation-harness on {ui.escape(', '.join(c.lm_eval_tasks))}")
         results = run_lm_eval(run.model, run.tokenizer, c.lm_eval_tasks, limit=c.lm_eval_limit,
                               include_path=str(include or ""), batch_size=run.recipe.eval.batch_size,
                               seed=run.recipe.seed)

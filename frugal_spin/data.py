@@ -28,6 +28,8 @@ from frugal_spin.config import BUILTIN_CHITCHAT, BUILTIN_DATASET, BUILTIN_DATASE
 from frugal_spin.errors import UserError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Files `datasets` reads as rows of a dataset directory; a directory with none of them is not a dataset.
+DATASET_DIR_SUFFIXES = {".parquet", ".jsonl", ".json", ".arrow"}
 
 
 @dataclass
@@ -70,11 +72,33 @@ def check_dataset_reference(cfg: DataConfig) -> None:
     elif is_local_path(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
         if path.is_dir():  # a downloaded copy of a hub dataset: its splits are read as from the hub
+            if not _holds_dataset_files(path):
+                raise UserError(f"data.dataset: directory {path} holds no dataset files (.parquet, .jsonl, .json "
+                                f"or .arrow, e.g. data/train_sft-*.parquet)")
             return
         if not path.is_file():
             raise UserError(f"data.dataset: file or directory not found: {path}")
         if path.suffix not in LOCAL_SUFFIXES:
             raise UserError(f"data.dataset: {path} must be .jsonl, .json or .parquet (or a dataset directory)")
+
+
+def _holds_dataset_files(path: Path, limit: int = 10_000) -> bool:
+    """Whether a directory holds at least one data file (looking at no more than `limit` entries)."""
+    for i, file in enumerate(path.rglob("*")):
+        if i >= limit:
+            return True  # a huge tree: let the datasets library decide
+        if file.suffix in DATASET_DIR_SUFFIXES and file.is_file():
+            return True
+    return False
+
+
+def _encodable(text: str) -> bool:
+    """False for a string with a lone surrogate (e.g. JSON "\\ud800"): no tokenizer or UTF-8 file can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def example_from_row(row: dict[str, Any], counts: Counter, multi_turn: bool = False) -> Example | None:
@@ -88,6 +112,9 @@ def example_from_row(row: dict[str, Any], counts: Counter, multi_turn: bool = Fa
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
         counts["skipped_malformed"] += 1
+        return None
+    if not all(_encodable(m["role"]) and _encodable(m["content"]) for m in messages):
+        counts["skipped_invalid_unicode"] += 1
         return None
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     user_at = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
@@ -148,6 +175,11 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         train_rows, heldout_rows = splits["train"], splits["heldout"]
     elif is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
         rows = _load_local(Path(cfg.dataset).expanduser(), counts)
+        if rows and cfg.eval_size >= len(rows):
+            raise UserError(f"data.dataset {cfg.dataset}: the file has {len(rows)} rows and data.eval_size="
+                            f"{cfg.eval_size} would hold out all of them, leaving none to train on; set "
+                            f"data.eval_size below {len(rows)} (e.g. data.eval_size={max(1, len(rows) // 5)}, "
+                            f"a fifth)")
         # A single local file has no test split: hold out a seeded sample so evaluation never sees training rows.
         shuffled = _sample(rows, len(rows), seed)
         heldout_rows, train_rows = shuffled[: cfg.eval_size], shuffled[cfg.eval_size:]
@@ -157,13 +189,23 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         heldout_rows = _sample(_load_hub(name, cfg.eval_split), cfg.eval_size, seed)
     # Only the sampled rows become Python objects: ultrachat_200k's train split is 208k conversations.
     train_rows = _sample(train_rows, max(1, round(cfg.fraction * len(train_rows))), seed)
-    train = _examples(train_rows, counts, cfg.multi_turn)
+    train_counts: Counter = Counter()
+    train = _examples(train_rows, train_counts, cfg.multi_turn)
+    counts.update(train_counts)
+    before_heldout = counts.copy()  # file-level skips (unparsable lines) and the training rows' own
     heldout = _examples(heldout_rows, counts, cfg.multi_turn)
     if not train:
-        raise UserError(f"data.dataset {cfg.dataset}: no usable training rows after filtering ({dict(counts)})")
+        held = (f"; {len(heldout_rows)} other rows were held out for evaluation (data.eval_size={cfg.eval_size})"
+                if is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir() else "")
+        raise UserError(f"data.dataset {cfg.dataset}: no usable training rows: all {len(train_rows)} rows drawn "
+                        f"for training were skipped ({_counts_text(before_heldout)}){held}")
     if not heldout:
         raise UserError(f"data.dataset {cfg.dataset}: no usable held-out rows after filtering ({dict(counts)})")
     return DataSplits(train, heldout, counts)
+
+
+def _counts_text(counts: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none skipped"
 
 
 def _load_local(path: Path, counts: Counter) -> list[Any]:
@@ -207,13 +249,20 @@ def _datasets_quiet() -> Iterator[None]:
     """datasets logs its own multi-line error before raising; the caller turns the exception into one clear line."""
     import logging
 
+    import datasets
+
     logger = logging.getLogger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
+    # Its progress lines ("Resolving data files", "Generating train split") would come before our error line.
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars_were_on:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _load_hub(name: str, split: str):
@@ -233,6 +282,23 @@ def _load_hub(name: str, split: str):
 def encode_prompt(tokenizer, prompt: str, context: Sequence[dict[str, str]] = ()) -> list[int]:
     return list(tokenizer.apply_chat_template([*context, {"role": "user", "content": prompt}],
                                               add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], cfg: DataConfig,
+                    counts: Counter) -> tuple[list[Example], list[Encoded]]:
+    """Encode every example; one the chat template refuses (e.g. a `tool` turn in the context of a template that
+    knows only system/user/assistant) is skipped and counted as `skipped_template_error`, not a crash."""
+    from jinja2 import TemplateError
+
+    kept, encoded = [], []
+    for example in examples:
+        try:
+            encoded.append(encode_example(tokenizer, example, cfg, counts))
+        except TemplateError:
+            counts["skipped_template_error"] += 1
+            continue
+        kept.append(example)
+    return kept, encoded
 
 
 def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter | None = None) -> Encoded:

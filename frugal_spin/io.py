@@ -2,40 +2,104 @@
 
 Every writer writes a temporary file in the target's directory and renames it over the target, so a crash leaves
 either the old file or the new one, never a half-written file that a rerun would trust.
+
+A full disk (ENOSPC, or a quota: EDQUOT) while writing is reported as one `UserError` line naming the file, the
+space the write needed and the space free there; the temporary file is removed, so a rerun after freeing space
+resumes from the last finished stage.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from frugal_spin.errors import UserError
 
-def _atomic(path: Path, write) -> None:
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# How libraries that do their own I/O (safetensors' Rust writer, shutil.copytree's collected errors) say it.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "code: 28,")
+
+
+class DiskFullError(UserError):
+    """No space left while writing: the message names the path and the space needed."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:  # the OSError may be the cause of a library's own exception
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _DISK_FULL_TEXT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: Path) -> int | None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_message(path: Path, needed_bytes: int | None) -> str:
+    free = free_bytes(path)
+    needs = f"it needs about {gib(needed_bytes)}" if needed_bytes else "it needs more space"
+    has = f", {gib(free)} free there" if free is not None else ""
+    return (f"no space left on device writing {path} ({needs}{has}); free some space and rerun the same "
+            f"command: finished stages are kept and the run resumes")
+
+
+def raise_if_disk_full(exc: BaseException, path: Path, needed_bytes: int | None = None) -> None:
+    """Turn a full-disk error into one clear line; any other error is left to the caller to re-raise."""
+    if is_disk_full(exc):
+        raise DiskFullError(disk_full_message(path, needed_bytes)) from None
+
+
+def _atomic(path: Path, write, needed_bytes: int | None = None) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise_if_disk_full(exc, path, needed_bytes)
+        raise
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        raise_if_disk_full(exc, path, needed_bytes)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def write_text(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic(path, write)
+    _atomic(path, write, len(data))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -46,7 +110,7 @@ def copy_file(source: Path, target: Path) -> None:
     """Copy a file's bytes to `target`, atomically like the writers."""
     import shutil
 
-    _atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+    _atomic(target, lambda tmp: shutil.copyfile(source, tmp), Path(source).stat().st_size)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -61,8 +125,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    needed = sum(v.numel() * v.element_size() for v in tensors.values())
     _atomic(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                                        metadata=metadata))
+                                        metadata=metadata), needed)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

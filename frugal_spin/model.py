@@ -181,8 +181,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"model.name: cannot load a tokenizer from {path!r}: {' '.join(str(exc).split())[:300]}")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # transformers raises any of these for missing, partial or foreign tokenizer files
+        raise UserError(f"model.name: cannot load a tokenizer from {path!r}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
     if tokenizer.chat_template is None:
         raise UserError(f"model.name: the tokenizer of {path!r} has no chat template (use an instruct/chat model)")
     if tokenizer.eos_token_id is None:
@@ -308,8 +310,10 @@ def _from_pretrained(path: str, kwargs: dict):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
+        # safetensors only: a pickle checkpoint (pytorch_model.bin) is refused, never unpickled (preflight.py
+        # says how to convert one).
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:
         raise UserError(f"model.name: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
 
 
@@ -403,12 +407,22 @@ def save_adapter(model, adapter_dir: Path) -> None:
     adapter where a rerun would look for a finished one."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    from frugal_spin.io import raise_if_disk_full
+
+    needed = sum(p.numel() * p.element_size() for p in trainable_parameters(model))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    except OSError as exc:
+        raise_if_disk_full(exc, adapter_dir, needed)
+        raise
     try:
         model.save_pretrained(str(tmp))
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)
+    except Exception as exc:
+        raise_if_disk_full(exc, adapter_dir, needed)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -21,20 +22,22 @@ import torch
 
 from frugal_spin import ui
 from frugal_spin.checkpoint import remove_checkpoint
-from frugal_spin.config import BUILTIN_DATASET, Recipe, TrainConfig, dump_recipe
-from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encode_example, load_splits
+from frugal_spin.config import BUILTIN_DATASET, BUILTIN_MODEL, Recipe, TrainConfig, dump_recipe
+from frugal_spin.data import Encoded
 from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.diagnostics import answer_diagnostics, end_token_rate
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
-from frugal_spin.io import (copy_file, read_jsonl, read_safetensors, write_json, write_jsonl, write_safetensors,
-                            write_text)
-from frugal_spin.live_log import LiveLog, check_log_backends
-from frugal_spin.model import (check_model_reference, inference_mode, load_adapter_weights, load_model, load_tokenizer,
-                               resolve_base_path, resolve_runtime, save_adapter)
+from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk_full, read_jsonl, read_safetensors,
+                            write_json, write_jsonl, write_safetensors, write_text)
+from frugal_spin.live_log import LiveLog
+from frugal_spin.model import inference_mode, load_adapter_weights, load_model, resolve_base_path, resolve_runtime, \
+    save_adapter
+from frugal_spin.preflight import Checked, preflight
 from frugal_spin.profiler import StageMeter
+from frugal_spin.rundir import check_output_dir, open_run_dir
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
 from frugal_spin.stages import StageStore, file_digest, fingerprint
@@ -43,31 +46,25 @@ from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn
                                total_optimizer_steps, train_adapter, train_with_oom_retry)
 
 
-def prepare_run_dir(recipe: Recipe, restart: bool) -> Path:
-    """Check the output directory before any long work; `restart` wipes an earlier run (and only a run)."""
-    run_dir = Path(recipe.output_dir).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output_dir {run_dir} exists and is not a directory")
-    if restart and run_dir.is_dir() and any(run_dir.iterdir()):
-        if not (run_dir / "recipe.yaml").is_file():
-            raise UserError(f"--restart: {run_dir} is not a frugal_spin run directory (no recipe.yaml); "
-                            "not deleting it")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    except OSError as exc:
-        raise UserError(f"output_dir {run_dir} is not writable: {exc.strerror or exc}") from None
-    return run_dir
+@contextmanager
+def prepared_run_dir(recipe: Recipe, restart: bool = False, allow_existing: bool = False):
+    """The run directory, locked for the block (rundir.py): an earlier run's outputs removed with `restart`, and
+    `recipe.yaml` written. Call it only once every check has passed (preflight.py): this is where writing starts."""
+    with open_run_dir(Path(recipe.output_dir), restart, allow_existing) as run_dir:
+        try:
+            write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        except OSError as exc:
+            raise UserError(f"output_dir {run_dir} is not writable: {exc.strerror or exc}") from None
+        yield run_dir
 
 
 class Run:
     """One pipeline execution over a run directory. Holds the single model every stage shares."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, splits: DataSplits | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path, checked: Checked | None = None):
         self.recipe = recipe
         self.run_dir = run_dir
-        self.splits = splits
+        self.checked = checked
         self.store = StageStore(run_dir)
         # Several ranks (torchrun) run every stage together; the world shards the work and `write` runs a stage's
         # writes on one rank, then a barrier. One process: `write(fn)` is `fn()`.
@@ -90,12 +87,15 @@ class Run:
         """Base (built or taken from the cache), tokenizer, data, 4-bit model with its one adapter."""
         r = self.recipe
         with StageMeter(self.runtime.device) as meter:
-            base_path = self.world.first(resolve_base_path, r.model, self.run_dir)  # rank 0 builds, others read
-            self.tokenizer = load_tokenizer(base_path, r.model.trust_remote_code)
+            checked = self.checked or preflight(r)
+            # Rank 0 copies (and, if damaged, copies again) the base first; the other ranks then find it intact.
+            base_path = self.world.first(self._verified_base_path, checked.base_source)
+            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir),
+                                       r.model.load_in_4bit, asdict(r.lora))
+            self.tokenizer = checked.tokenizer
             self.pad_id = self.tokenizer.pad_token_id
-            splits = self.splits or load_splits(r.data, r.seed)
-            self.train = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.train]
-            self.heldout = [encode_example(self.tokenizer, e, r.data, splits.counts) for e in splits.heldout]
+            splits = checked.splits
+            self.train, self.heldout = checked.train, checked.heldout
             self.train_examples, self.heldout_examples = splits.train, splits.heldout
             self.heldout_answers = [e.answer for e in splits.heldout]
             longest = r.data.max_prompt_tokens + max(r.data.max_answer_tokens, r.generation.max_new_tokens,
@@ -123,6 +123,15 @@ class Run:
         adapter, unmerged. Training, generation, scoring and evaluation share the one model, so the cached
         log-probs are exactly those of the weights the player trains against."""
         return {"weights": f"{self.runtime.base_weights} + LoRA adapter (unmerged)"}
+
+    def _verified_base_path(self, source: str) -> str:
+        """Where the base is loaded from: the run's copy of the built-in base, checked against `source`."""
+        r = self.recipe
+        base_path = resolve_base_path(r.model, self.run_dir)
+        if r.model.name == BUILTIN_MODEL:
+            base_path = verified_base_copy(Path(base_path), Path(source), self.run_dir,
+                                           lambda: resolve_base_path(r.model, self.run_dir))
+        return base_path
 
     # ------------------------------------------------------------ stages
 
@@ -514,6 +523,14 @@ class Run:
             return self._execute()
         except torch.cuda.OutOfMemoryError:
             pass
+        except DiskFullError:
+            raise
+        except Exception as exc:
+            # A full disk in a write that has no size to report (generation's answer log, a chart, a library's
+            # own file): still one line, naming the run directory.
+            if is_disk_full(exc):
+                raise DiskFullError(disk_full_message(self.run_dir, None)) from None
+            raise
         finally:
             self.live.close()
         # Training stages handle their own OOM (train.train_with_oom_retry); this is generation, scoring or eval.
@@ -535,7 +552,8 @@ class Run:
         def finish() -> None:
             ui.console.print(ui.summary_table(records))
             render_report(self.run_dir)
-            ui.note(f"run directory: {self.run_dir}  (per-phase cost and charts: {self.run_dir / 'report.md'})")
+            ui.note(f"run directory: {ui.escape(str(self.run_dir))}  (per-phase cost and charts: "
+                    f"{ui.escape(str(self.run_dir / 'report.md'))})")
 
         self.world.write(finish)
         return records
@@ -568,29 +586,43 @@ def _max_memory(*meters: StageMeter) -> dict[str, float]:
     return {k: max(m.memory[k] for m in meters) for k in meters[0].memory}
 
 
-def _base_identity(path: Path) -> str:
-    """What identifies the base weights: the config plus the built-in builder's info when there is one."""
+def _base_identity(path: Path, run_dir: Path) -> str:
+    """What identifies the base: its config, the built-in builder's info when there is one, the tokenizer, and
+    the SHA-256 of its weight files (hashed once, then remembered by size and mtime: base_weights.py), so stages
+    computed from other weights are never reused."""
+    from frugal_spin.base_weights import weights_digest
+
     parts = [(path / name).read_text(encoding="utf-8")
              for name in ("config.json", "build_info.json", "tokenizer.json", "tokenizer_config.json")
              if (path / name).is_file()]
-    return fingerprint(parts or [str(path)])
+    digest = weights_digest(path, run_dir / "stages" / "weights_digest.json") if path.is_dir() else None
+    return fingerprint(parts or [str(path)], digest)
 
 
-def run_recipe(recipe: Recipe, restart: bool = False) -> Path:
-    # Every check that can fail on a user mistake runs before the run directory is touched.
-    check_dataset_reference(recipe.data)
-    check_model_reference(recipe.model)
-    check_log_backends(recipe.log)
-    if recipe.generation.engine == "vllm":
-        from frugal_spin.vllm_engine import check_vllm
+def verified_base_copy(copy: Path, source: Path, run_dir: Path, recopy) -> str:
+    """The run's copy of the built-in base, checked against the cache build it was copied from; a truncated or
+    altered copy is replaced (with a warning), never loaded or mixed with stages computed from the original."""
+    from frugal_spin.base_weights import weights_digest
 
-        check_vllm(resolve_runtime(recipe.model).device)
-    if resolve_runtime(recipe.model).backend == "unsloth":
-        from frugal_spin.unsloth_backend import import_unsloth
+    memo = run_dir / "stages" / "weights_digest.json"
+    if weights_digest(copy, memo) == weights_digest(source, memo):
+        return str(copy)
+    ui.warn(f"{copy.name}/ differs from the built base it was copied from (its weights were changed or cut "
+            f"short); copying it again")
+    shutil.rmtree(copy)
+    return str(recopy())
 
-        import_unsloth()  # before anything else loads transformers' model code
-    splits = load_splits(recipe.data, recipe.seed)  # an unreadable or empty dataset fails here, not mid-run
-    run_dir = current_world().write(prepare_run_dir, recipe, restart)  # one rank touches the directory
-    apply_threads(recipe.model.threads)
-    Run(recipe, run_dir, splits).execute()
+
+def run_recipe(recipe: Recipe, restart: bool = False, allow_existing: bool = False) -> Path:
+    # Every check that can fail on a user mistake runs before the run directory is touched: first the
+    # directory's own (read-only), then the model, tokenizer, LoRA targets and data (preflight.py).
+    world = current_world()
+    check_output_dir(Path(recipe.output_dir), restart, allow_existing)
+    checked = world.first(preflight, recipe)  # rank 0 fills the base's cache, the other ranks then read it
+    with ExitStack() as stack:
+        # Only rank 0 opens the directory and holds its lock for the whole run; a refusal there (another run
+        # holds it) stops every rank with the same line.
+        run_dir = world.write(stack.enter_context, prepared_run_dir(recipe, restart, allow_existing))
+        apply_threads(recipe.model.threads)
+        Run(recipe, run_dir, checked).execute()
     return run_dir

@@ -223,6 +223,9 @@ def resolve_model_shape(name: str, *, allow_network: bool = True, trust_remote_c
 
 
 def _hub_shape(name: str, trust_remote_code: bool) -> ModelShape:
+    from frugal_spin.preflight import check_hub_model
+
+    check_hub_model(name)  # offline or unknown id: one line in about a second, not transformers' retries
     try:
         from transformers import AutoConfig
 
@@ -549,9 +552,12 @@ def render(plan: Plan, recipe: Recipe) -> None:
     where = f"CUDA, {plan.gpu} ({GPUS[plan.gpu]} GiB usable)" if plan.gpu else (
         "CUDA (no GPU named: pass --gpu to check the fit)" if t.device == "cuda" else "CPU")
     dtype = {2: "fp16/bf16", 4: "fp32"}[t.compute_bytes]
-    console.print(f"model {recipe.model.name}: hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads "
+    from rich.markup import escape
+
+    # The model name and the config's path are the user's strings: "[...]" in them is text, not rich markup.
+    console.print(f"model {escape(recipe.model.name)}: hidden {s.hidden_size}, {s.num_layers} layers, {s.num_heads} heads "
                   f"({s.num_kv_heads} kv) x {s.head_dim}, intermediate {s.intermediate_size}, vocab {s.vocab_size}"
-                  f"{', tied embeddings' if s.tie_word_embeddings else ''} [{s.source}]")
+                  f"{', tied embeddings' if s.tie_word_embeddings else ''} {escape('[' + s.source + ']')}")
     console.print(f"plan for {where}; compute {dtype}; 4-bit {recipe.model.load_in_4bit}; gradient checkpointing "
                   f"{'on' if t.checkpointing else 'off'}; optimizer {t.optimizer}; LoRA {plan.lora_params:,} params")
     parts = list(plan.stages[0].parts)

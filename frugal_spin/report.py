@@ -81,6 +81,8 @@ _ROLE_COLOURS = {"setup": "#9e9e9e", "sft": "#1f77b4", "generate": "#ff7f0e", "s
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """The stage records of `run_dir/metrics.jsonl`, checked line by line."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory (give the recipe's output_dir)")
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
     path = run_dir / "metrics.jsonl"

@@ -40,7 +40,7 @@ LOCK_NAME = ".frugal_spin.lock"
 # adds a new top-level output adds its name here, so --restart removes it and nothing else.
 TOOL_ENTRIES = ("recipe.yaml", "metrics.jsonl", "report.md", "report.json", "timeline.png", "metrics.png",
                 "base", "sft", "eval", "stages", "traces", "sft_equal_steps", "sft_equal_time")
-_ITERATION = re.compile(r"^iter_\d+$")
+_ITERATION = re.compile(r"^(iter_\d+|spin_[a-z0-9_]+)$")  # iterations; compare's other-loss arms (spin_<loss>/)
 
 
 def _is_tool_entry(name: str) -> bool:

@@ -329,10 +329,20 @@ def ensure_tiny_base(run_base_dir: Path, seed: int = 0, cache_root: Path | None 
         return run_base_dir
     if (run_base_dir / BUILD_INFO).exists():
         raise UserError(f"{run_base_dir} holds a different tiny base (another spec); use a new output_dir")
+    source = ensure_cached_tiny_base(seed, cache_root, spec, progress, num_threads)
+    _publish(run_base_dir, lambda tmp: copy_tree(source, tmp, shown_as=run_base_dir))
+    return run_base_dir
+
+
+def ensure_cached_tiny_base(seed: int = 0, cache_root: Path | None = None, spec: TinyBaseSpec | None = None,
+                            progress: bool = True, num_threads: int | None = None) -> Path:
+    """Where a run's `base/` is copied from: the shipped base (the default spec), else the cache's build of `spec`
+    (built first if missing). Writes only to the cache, so a run can check the base's tokenizer and modules
+    before it touches its run directory."""
+    spec = _resolve_spec(seed, spec)
     problem = shipped_problem(spec)
     if problem is None:
-        _publish(run_base_dir, lambda tmp: shutil.copytree(SHIPPED_DIR, tmp, dirs_exist_ok=True))
-        return run_base_dir
+        return SHIPPED_DIR
     if spec == TinyBaseSpec():  # the default spec should have been shipped; another spec (tests) never is
         from frugal_spin.ui import warn
 
@@ -341,8 +351,20 @@ def ensure_tiny_base(run_base_dir: Path, seed: int = 0, cache_root: Path | None 
     cached = cache_dir / f"tiny-llama-{spec.fingerprint()}"
     if not is_complete_build(cached, spec):
         _publish(cached, lambda tmp: build_tiny_base(tmp, spec.seed, progress, spec, num_threads))
-    _publish(run_base_dir, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
-    return run_base_dir
+    return cached
+
+
+def copy_tree(source: Path, target: Path, shown_as: Path | None = None) -> None:
+    """copytree, with a full disk reported as one line naming the target (`shown_as`: the final name of a
+    temporary target) and the space the copy needs."""
+    from frugal_spin.io import raise_if_disk_full
+
+    try:
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    except (OSError, shutil.Error) as exc:
+        needed = sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
+        raise_if_disk_full(exc, Path(shown_as or target), needed)
+        raise
 
 
 def _publish(target: Path, fill) -> None:

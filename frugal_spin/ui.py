@@ -21,6 +21,13 @@ def silence() -> None:
     console.quiet = True
 
 
+def escape(text: str) -> str:
+    """A user's string (a path, a model name) shown through rich: "[/x]" in it is text, never markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 @contextmanager
 def stage_bar(description: str, total: int, unit: str = "") -> Iterator[Callable[..., None]]:
     """Yields `advance(n=1, **fields)`; fields (e.g. loss=0.41) are shown after the bar."""

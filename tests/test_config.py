@@ -126,7 +126,8 @@ BAD_INPUTS = [
     ("spin: {iterations: 1}\n", ["spin.iterations=-2"], {}, "spin.iterations must be >= 0"),
     ("data:\n  dataset: ./nowhere.jsonl\n", [], {}, "data.dataset: file or directory not found"),
     ("data:\n  dataset: DIR/broken.parquet\n", [], {"broken.parquet": "not parquet at all"}, "cannot read"),
-    ("data:\n  dataset: DIR/bad.jsonl\n", [], {"bad.jsonl": BAD_ROWS_ONLY}, "no usable training rows"),
+    ("data:\n  dataset: DIR/bad.jsonl\n", ["data.eval_size=1"], {"bad.jsonl": BAD_ROWS_ONLY}, "no usable training rows"),
+    ("data:\n  dataset: DIR/bad.jsonl\n", [], {"bad.jsonl": BAD_ROWS_ONLY}, "would hold out all of them"),
     ("model:\n  name: ./no_such_model_dir\n", [], {}, "model.name: directory not found"),
     ("output_dir: FILE\n", [], {}, "is not a directory"),
     ("output_dir: FILE/run\n", [], {}, "is not writable"),
@@ -147,6 +148,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_leaves_earlier_results_untouched(t
         (tmp_path / name).write_text(text)
     earlier = tmp_path / "run"
     (earlier / "stages").mkdir(parents=True)
+    (earlier / "stages" / "run_directory.json").write_text('{"tool": "frugal_spin"}\n')  # a run directory
     (earlier / "recipe.yaml").write_text("output_dir: earlier\n")
     (earlier / "stages" / "sft.json").write_text('{"stage": "sft"}\n')
     (earlier / "metrics.jsonl").write_text('{"stage": "sft"}\n')

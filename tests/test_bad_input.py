@@ -1,0 +1,267 @@
+"""Hostile and mistaken input, table-driven: each case gives one `error:` line and exit status 2, and leaves every
+file under the test's directory (an earlier finished run, the user's own directories, the model and data)
+exactly as it was, byte for byte. Runs `frugal_spin.__main__.main` in this process (the table is long; the
+restart and lock cases with real processes are in tests/test_rundir.py, the CLI subprocess table in
+tests/test_config.py)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_BASE
+from frugal_spin import rundir, tiny_base
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "cpu_tiny.yaml"
+TINY = ["data.fraction=0.02", "data.eval_size=8", "spin.iterations=1"]
+CHAT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def _rows(n):
+    return "".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(n))
+
+
+# (name, recipe text or None for recipes/cpu_tiny.yaml, arguments, expected text in the one error line)
+# Placeholders: RUN an earlier finished run, USER a user's directory, HOME, DIR the test directory, MODEL:<kind> a
+# model directory broken as `_break_model` says, FILE a plain file.
+CASES = [
+    # 6: every float is finite-checked at load
+    ("nan learning rate", None, ["sft.learning_rate=.nan"], "sft.learning_rate must be a finite number, got nan"),
+    ("inf epochs", None, ["sft.epochs=.inf"], "sft.epochs must be a finite number, got inf"),
+    ("nan temperature", None, ["generation.temperature=.nan"], "generation.temperature must be a finite number"),
+    ("nan grad norm", None, ["spin.max_grad_norm=.nan"], "spin.max_grad_norm must be a finite number"),
+    ("nan beta", None, ["spin.beta=.nan"], "spin.beta must be a finite number"),
+    ("inf in beta list", None, ["spin.iterations=2", "spin.beta=[0.1,.inf]"], "spin.beta[1] must be a finite"),
+    ("nan in the file", "output_dir: RUN\nspin:\n  beta: .nan\n", [], "spin.beta must be a finite number"),
+    # 7: YAML
+    ("duplicate section", "output_dir: RUN\nspin:\n  beta: 0.2\nsft:\n  epochs: 1\nspin:\n  iterations: 1\n", [],
+     "duplicate key 'spin' at line 6 (first at line 2)"),
+    ("duplicate key", "output_dir: RUN\nspin:\n  beta: 0.2\n  beta: 0.3\n", [], "duplicate key 'beta' at line 4"),
+    ("alias bomb", "output_dir: RUN\na: &a [1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+     "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\nseed: [*d,*d,*d,*d,*d,*d,*d,*d]\n",
+     [], "expands to more than 10,000 values"),
+    ("alias bomb under a valid key", "output_dir: RUN\nx: &a [[1,1,1,1,1,1,1,1,1],[1,1,1,1,1,1,1,1,1]]\n"
+     "lora:\n  target_modules: [*a, *a, *a]\n", [], "unknown key x"),
+    ("wide value in a message", "output_dir: RUN\nseed: [" + ",".join(["1"] * 5000) + "]\n", [],
+     "seed must be int, got [1, 1, 1, 1, 1, 1, ...] (list)"),
+    ("deep nesting", "output_dir: RUN\nseed: " + "[" * 5000 + "]" * 5000 + "\n", [], "nested more than 50 levels"),
+    ("self-referencing alias", "output_dir: RUN\nseed: &a [*a]\n", [], "an alias refers to itself"),
+    ("huge integer", "output_dir: RUN\nseed: 1" + "0" * 5000 + "\n", [], "has 5001 digits"),
+    ("int64 overflow", None, ["seed=100000000000000000000"], "seed is out of range"),
+    # 1, 2: obviously wrong roots and other people's directories
+    ("output_dir is /", None, ["output_dir=/"], "is the filesystem root"),
+    ("output_dir is / with --restart", None, ["output_dir=/", "--restart"], "is the filesystem root"),
+    ("output_dir is home", None, ["output_dir=HOME", "--restart"], "is your home directory"),
+    ("output_dir is an ancestor of cwd", None, ["output_dir=..", "--restart"], "ancestor of the current directory"),
+    ("output_dir is top-level", None, ["output_dir=/usr"], "is a top-level directory"),
+    ("user dir with a recipe.yaml, --restart", None, ["output_dir=USER", "--restart"],
+     "--restart: USER is not a frugal_spin run directory"),
+    ("user dir without the flag", None, ["output_dir=USER"], "is not empty and is not a frugal_spin run directory"),
+    ("output_dir is a file", None, ["output_dir=FILE"], "exists and is not a directory"),
+    # 3, 9, 10: the model, checked before anything is written (with --restart too: the earlier run stays)
+    ("config.json only", None, ["model.name=MODEL:config_only"], "has no weights (model.safetensors"),
+    ("weights without a tokenizer", None, ["model.name=MODEL:no_tokenizer"], "has weights but no tokenizer"),
+    ("random bytes as weights", None, ["model.name=MODEL:random_weights", "--restart"],
+     "model.safetensors is not a valid safetensors file"),
+    ("truncated weights", None, ["model.name=MODEL:truncated_weights"], "model.safetensors is not a valid "
+     "safetensors file (truncated"),
+    ("tokenizer with auto_map", None, ["model.name=MODEL:auto_map"], "the tokenizer needs its own Python code"),
+    ("pickle weights only", None, ["model.name=MODEL:pickle_only"], "holds only pickle weights (pytorch_model.bin)"),
+    ("no chat template", None, ["model.name=MODEL:no_template", "--restart"], "has no chat template"),
+    ("broken config.json", None, ["model.name=MODEL:bad_config"], "config.json is not valid JSON"),
+    ("unknown target module", None, ["model.name=MODEL:good", "lora.target_modules=[q_proj,qproj]", "--restart"],
+     "lora.target_modules: 'qproj' matches no module"),
+    ("non-linear target module", None, ["lora.target_modules=[layers]"], "'layers' names ModuleList modules"),
+    # 12, 14: data
+    ("built-in eval_size too large", None, ["data.eval_size=1000000"], "more than the built-in task"),
+    ("fewer rows than eval_size", None, ["data.dataset=DIR/small.jsonl", "data.eval_size=200"],
+     "the file has 50 rows and data.eval_size=200 would hold out all of them"),
+    ("only unusable training rows", None, ["data.dataset=DIR/unusable.jsonl", "data.eval_size=2", "data.fraction=1"],
+     "no usable training rows: all 8 rows drawn for training were skipped (skipped_no_answer: 8)"),
+    ("dataset dir of .txt files", None, ["data.dataset=DIR/texts"], "holds no dataset files"),
+]
+
+
+def _break_model(source: Path, target: Path, kind: str) -> Path:
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    if kind == "config_only":
+        for p in target.iterdir():
+            if p.name != "config.json":
+                p.unlink()
+    elif kind == "no_tokenizer":
+        for p in target.iterdir():
+            if p.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                p.unlink()
+    elif kind == "random_weights":
+        weights.write_bytes(os.urandom(4096))
+    elif kind == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "auto_map":
+        config = json.loads((target / "tokenizer_config.json").read_text())
+        config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+        (target / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    elif kind == "pickle_only":
+        weights.unlink()
+        torch.save({"w": torch.zeros(2)}, target / "pytorch_model.bin")
+    elif kind == "no_template":
+        (target / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((target / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+    elif kind == "bad_config":
+        (target / "config.json").write_text("{not json")
+    return target
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch, small_base_cache):
+    """The test directory: an earlier run, a user's directories, home and cwd, data files; the small base."""
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
+    monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+    home, cwd = tmp_path / "home", tmp_path / "home" / "work" / "here"
+    cwd.mkdir(parents=True)
+    (home / "diary.txt").write_text("private")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    rundir.write_identity(run)
+    (run / "recipe.yaml").write_text("output_dir: earlier\n")
+    (run / "stages" / "sft.json").write_text('{"stage": "sft"}\n')
+    (run / "metrics.jsonl").write_text('{"stage": "sft"}\n')
+    (run / "report.md").write_text("# the earlier run's report\n")
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)
+    (user / "recipe.yaml").write_text("my own recipe\n")
+    (user / "report.md").write_text("my report\n")
+    (user / "metrics.jsonl").write_text("my metrics\n")
+    (user / "data" / "precious.txt").write_text("years of work\n")
+    (tmp_path / "FILE").write_text("I am a file\n")
+    (tmp_path / "small.jsonl").write_text(_rows(50))
+    (tmp_path / "unusable.jsonl").write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n" for _ in range(10)))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("plain text\n")
+    return tmp_path, small_base_cache
+
+
+def _place(text: str, root: Path, base: Path) -> str:
+    if "MODEL:" in text:
+        kind = text.split("MODEL:")[1]
+        target = root / "models" / kind
+        if not target.exists():
+            _break_model(base, target, kind)
+        text = text.split("MODEL:")[0] + str(target)
+    return (text.replace("RUN", str(root / "run")).replace("USER", str(root / "user"))
+            .replace("HOME", str(root / "home")).replace("FILE", str(root / "FILE")).replace("DIR", str(root)))
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _run_main(argv, capsys):
+    from frugal_spin.__main__ import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name, text, args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, name, text, args, message):
+    root, cache = world
+    base = next(cache.glob("tiny-llama-*"))
+    recipe = root / "r.yaml"
+    if text is None:
+        recipe.write_text(RECIPE.read_text())
+    else:
+        recipe.write_text(_place(text, root, base))
+    args = [_place(a, root, base) for a in args]
+    if not any(a.startswith("output_dir=") for a in args) and (text is None or "output_dir" not in text):
+        args.append(f"output_dir={root / 'run'}")
+    before = _tree(root)
+    code, out, err = _run_main([str(recipe), *TINY, *args], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert _place(message, root, base) in lines[0], lines[0]
+    assert len(lines[0]) < 800  # bounded: no value of unbounded size is formatted into it
+    assert out == ""
+    assert _tree(root) == before  # the earlier run, the user's files, the model and the data: untouched
+
+
+def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    code, out, err = _run_main(["report", str(tmp_path / "notes.txt")], capsys)
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'notes.txt'} is a file, not a run directory " \
+                                        "(give the recipe's output_dir)"
+
+
+def test_plan_of_an_unknown_hub_id_offline_fails_at_once_in_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    code, out, err = _run_main(["plan", str(RECIPE), "model.name=nobody/no-such-model", "--gpu", "t4"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["error: model.name: 'nobody/no-such-model' is not in the local hub cache "
+                                        "and the hub is off (HF_HUB_OFFLINE); use a local model directory"]
+    assert time.perf_counter() - started < 5
+
+
+def test_plan_of_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path, capsys, monkeypatch):
+    """The hub's own answer is replaced by a connection error (no network is used): one line, one attempt."""
+    import huggingface_hub
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def unreachable(name, timeout=None):
+        calls.append(name)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    code, out, err = _run_main(["plan", str(RECIPE), "model.name=nobody/no-such-model", "--gpu", "t4"], capsys)
+    assert code == 2 and calls == ["nobody/no-such-model"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "the hub cannot be reached to fetch 'nobody/no-such-model'" in lines[0]
+
+
+def test_plan_with_an_absolute_local_model_path_prints_it_as_text(tmp_path, capsys, small_base_cache):
+    model = tmp_path / "[bold]models[/x]"
+    shutil.copytree(next(small_base_cache.glob("tiny-llama-*")), model)
+    code, out, err = _run_main(["plan", str(RECIPE), f"model.name={model}", "--gpu", "t4"], capsys)
+    assert code == 0, err
+    flat = "".join(out.split())  # rich wraps long lines
+    assert f"model{model}:".replace(" ", "") in flat and f"[{model / 'config.json'}]" in flat
+
+
+def test_rows_with_a_lone_surrogate_or_a_tool_turn_are_skipped_and_counted(world, capsys):
+    """Item 11: not errors, so not in the table: the run's checks count them and go on."""
+    from frugal_spin.config import load_recipe
+    from frugal_spin.preflight import preflight
+
+    root, _ = world
+    good = _rows(30)
+    surrogate = '{"messages": [{"role": "user", "content": "\\ud800 q"}, {"role": "assistant", "content": "a"}]}\n'
+    tool = json.dumps({"messages": [{"role": "user", "content": "q0"}, {"role": "tool", "content": "{}"},
+                                    {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    (root / "odd.jsonl").write_text(good + surrogate * 3 + tool * 2)
+    recipe = load_recipe(RECIPE, [f"data.dataset={root / 'odd.jsonl'}", "data.eval_size=5", "data.multi_turn=true",
+                                  f"output_dir={root / 'new'}"])
+    checked = preflight(recipe)
+    assert checked.splits.counts["skipped_invalid_unicode"] == 3
+    assert checked.splits.counts["skipped_template_error"] == 2
+    assert len(checked.train) + len(checked.heldout) == 30
+    assert not (root / "new").exists()  # checks write nothing
