@@ -80,10 +80,19 @@ def test_unknown_model_offline_and_hub_failure_are_user_errors(monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    import huggingface_hub
     import transformers
+    from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # The hub answers the quick existence probe (preflight.check_hub_model), then the config download fails.
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda name, timeout=None: None)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_network)
     with pytest.raises(UserError, match="cannot get the config of 'someone/unknown-model'"):
+        resolve_model_shape("someone/unknown-model")
+    # Unreachable hub: the probe fails at once, in one line, before any download and its retries.
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    with pytest.raises(UserError, match="the hub cannot be reached to fetch 'someone/unknown-model'"):
         resolve_model_shape("someone/unknown-model")
 
 
