@@ -67,7 +67,7 @@ def merged_model(base: str, recipe, adapter_dir: Path, dtype: torch.dtype):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu",
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu", use_safetensors=True,
                                                  trust_remote_code=recipe.model.trust_remote_code)
     if recipe.model.load_in_4bit:
         _use_dequantised_weights(plain, base, recipe)

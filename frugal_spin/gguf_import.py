@@ -109,7 +109,7 @@ def convert(gguf_path: Path, out_dir: Path, what: str = "model.name") -> dict:
     with torch.no_grad():
         expected = model(ids).logits[0].float()
         del model
-        converted = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+        converted = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, use_safetensors=True)
         got = converted(ids).logits[0].float()
     diff = (got - expected).abs().max().item()
     if not diff <= TOLERANCE:

@@ -39,7 +39,7 @@ LOCK_NAME = ".frugal_spin.lock"
 # Everything a run writes at the top of its directory (see README, "What a run directory holds"). A module that
 # adds a new top-level output adds its name here, so --restart removes it and nothing else.
 TOOL_ENTRIES = ("recipe.yaml", "metrics.jsonl", "report.md", "report.json", "timeline.png", "metrics.png",
-                "base", "sft", "eval", "stages", "traces", "sft_equal_steps", "sft_equal_time")
+                "base", "sft", "eval", "stages", "traces", "tb", "wandb", "sft_equal_steps", "sft_equal_time")
 _ITERATION = re.compile(r"^(iter_\d+|spin_[a-z0-9_]+)$")  # iterations; compare's other-loss arms (spin_<loss>/)
 
 

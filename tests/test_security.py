@@ -30,7 +30,8 @@ def test_no_pickle_no_eval_and_torch_load_only_with_weights_only(path):
         if name == "yaml.load":
             loader = next(ast.unparse(k.value) for k in call.keywords if k.arg == "Loader")
             assert loader in ("yaml.SafeLoader", "_RecipeLoader"), f"{path.name}:{call.lineno}: yaml.load({loader})"
-        if name.endswith("from_pretrained") and "AutoModelForCausalLM" in name:
+        if name.endswith("from_pretrained") and "AutoModelForCausalLM" in name and \
+                not any(k.arg == "gguf_file" for k in call.keywords):  # a GGUF file is no pickle either
             # safetensors only: transformers would otherwise fall back to unpickling pytorch_model.bin
             assert any(k.arg == "use_safetensors" and ast.unparse(k.value) == "True" for k in call.keywords), \
                 f"{path.name}:{call.lineno}: {name} without use_safetensors=True"
