@@ -90,8 +90,6 @@ class Run:
             checked = self.checked or preflight(r)
             # Rank 0 copies (and, if damaged, copies again) the base first; the other ranks then find it intact.
             base_path = self.world.first(self._verified_base_path, checked.base_source)
-            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir),
-                                       r.model.load_in_4bit, asdict(r.lora))
             self.tokenizer = checked.tokenizer
             self.pad_id = self.tokenizer.pad_token_id
             splits = checked.splits
@@ -106,8 +104,8 @@ class Run:
             self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
             # The weights every stage runs on (packed or dequantised 4-bit) are part of the base's identity: the
             # two give the same model up to float rounding, but cached log-probs must come from exactly these.
-            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path)), r.model.load_in_4bit,
-                                       asdict(r.lora), self.runtime.base_weights)
+            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir),
+                                       r.model.load_in_4bit, asdict(r.lora), self.runtime.base_weights)
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
             self.base_path, self.longest = base_path, longest
             crash_point("setup")
