@@ -125,7 +125,10 @@ def test_small_end_to_end_run_on_the_real_model(smollm2_dir, chitchat_conversati
     stages = {r["stage"]: r for r in records}
     assert set(stages) >= {"setup", "sft", "anchor", "sft.eval", "iter_0.generate", "iter_0.score", "iter_0.train",
                            "iter_0.eval"}
-    assert stages["setup"]["metrics"]["train_examples"] == 25
+    from frugal_spin.tasks.chitchat import build_splits
+
+    n_train = len(build_splits(0, n_heldout=6, conversations=chitchat_conversations)["train"])
+    assert stages["setup"]["metrics"]["train_examples"] == round(0.0002 * n_train)
     assert stages["setup"]["metrics"]["base_weights"].startswith("nf4 dequantized once to float32")
     for name in ("sft", "iter_0.generate", "iter_0.score", "iter_0.train", "iter_0.eval"):
         assert stages[name]["metrics"]["weights"].startswith("nf4 dequantized"), name
