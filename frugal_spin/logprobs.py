@@ -14,7 +14,7 @@ trainable head it keeps a per-row logsumexp and recomputes each chunk's logits i
 Public functions:
 
 - `reference_token_logprobs(hidden, weight, targets, bias=None) -> [N]`: plain torch (full fp32 logits); the
-  reference for parity tests and benchmarks.
+  reference for parity tests and benchmarks (defined beside the kernel in `kernels/logprob.py`).
 - `chunked_token_logprobs(hidden, weight, targets, bias=None, chunk_size=1024) -> [N]` (fp32): same values,
   peak extra memory O(chunk_size x V) in forward and backward whatever N is.
 - `response_logprobs_from_hidden(hidden[B,T,H], weight, bias, input_ids, response_mask, chunk_size)
@@ -50,7 +50,11 @@ import torch
 from torch import Tensor
 
 from frugal_spin.errors import UserError
-from frugal_spin.kernels.dispatch import kernel_verified, use_triton
+from frugal_spin.kernels import logprob as logprob_kernel
+from frugal_spin.kernels.dispatch import use_triton
+# The full-logits reference and the two head products live beside the kernel that shares them (kernels/logprob.py);
+# re-exported here, where callers have always found them.
+from frugal_spin.kernels.logprob import chunk_logits, reference_token_logprobs, times_weight
 
 __all__ = [
     "chunked_token_logprobs",
@@ -61,35 +65,6 @@ __all__ = [
     "sequence_logprobs",
     "sequence_logprobs_and_counts",
 ]
-
-
-def reference_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> Tensor:
-    """log softmax(hidden @ weight.T + bias)[i, targets[i]] with the full [N, V] logits in fp32.
-
-    hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None -> [N] fp32. Differentiable by plain autograd.
-    """
-    logits = hidden.float() @ weight.float().T
-    if bias is not None:
-        logits = logits + bias.float()
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-
-
-def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """fp32 logits [C, V] of one row chunk (see the module docstring for half-precision heads)."""
-    if weight.dtype == torch.float32:
-        logits = hidden_chunk.float() @ weight.T
-    else:
-        logits = (hidden_chunk.to(weight.dtype) @ weight.T).float()
-    if bias is not None:
-        logits += bias.float()
-    return logits
-
-
-def _times_weight(grad_logits: Tensor, weight: Tensor) -> Tensor:
-    """grad_logits [C, V] fp32 @ weight [V, H]; a half head takes the product in its own dtype, as autograd would."""
-    if weight.dtype == torch.float32:
-        return grad_logits @ weight
-    return (grad_logits.to(weight.dtype) @ weight).float()
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -113,7 +88,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         unit_grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if eager else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, bias)
+            logits = chunk_logits(hidden[start:end], weight, bias)
             target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)
             # In place on the one [C, V] buffer: torch.logsumexp would allocate a second one.
             row_max = logits.amax(dim=1, keepdim=True)
@@ -126,7 +101,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 # The buffer holds exp(z - max); turn it into onehot - p, still in place.
                 minus_p = logits.div_(row_sum).neg_()
                 minus_p.scatter_add_(1, targets[start:end, None], torch.ones_like(minus_p[:, :1]))
-                unit_grad[start:end] = _times_weight(minus_p, weight)
+                unit_grad[start:end] = times_weight(minus_p, weight)
                 del minus_p  # an alias of the chunk buffer: it too must go, or two buffers coexist
             del logits  # free the chunk before the next one is allocated
         if eager:
@@ -162,12 +137,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             h = hidden[start:end]
             g = grad_out[start:end]
             # One [C, V] buffer, turned in place into softmax, then into d loss / d z.
-            grad_logits = _chunk_logits(h, weight, bias)
+            grad_logits = chunk_logits(h, weight, bias)
             grad_logits.sub_(lse[start:end, None]).exp_()
             grad_logits.mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
             if need_hidden:
-                grad_hidden[start:end] = _times_weight(grad_logits, weight).to(hidden.dtype)
+                grad_hidden[start:end] = times_weight(grad_logits, weight).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(grad_logits.T, h.float())
             if need_bias:
@@ -207,11 +182,9 @@ def chunked_token_logprobs(
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     frozen_head = not weight.requires_grad and not (bias is not None and bias.requires_grad)
-    if frozen_head and use_triton(hidden, weight) and kernel_verified("logprob", hidden.device):
+    if frozen_head and use_triton(hidden, weight) and logprob_kernel.verified(hidden.device, weight.dtype):
         # CUDA: the softmax part runs in one Triton kernel per chunk (kernels/logprob.py); same values, same memory.
-        from frugal_spin.kernels.logprob import triton_token_logprobs
-
-        return triton_token_logprobs(hidden, weight, targets, bias, chunk_size)
+        return logprob_kernel.triton_token_logprobs(hidden, weight, targets, bias, chunk_size)
     # Eager gradient only when backward will surely want d hidden and nothing from the head: under no_grad
     # (opponent scoring) the extra matmul would be wasted, and a trainable head needs the recompute path anyway.
     eager = (

@@ -52,6 +52,17 @@ class Runtime:
         """Mixed precision only on CUDA: on CPU everything trainable and every activation stays fp32."""
         return self.compute_dtype if self.device.type == "cuda" and self.compute_dtype != torch.float32 else None
 
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 autocast needs loss scaling (its gradients underflow otherwise); bf16 has fp32's exponent range."""
+        return self.autocast_dtype == torch.float16
+
+    def autocast(self):
+        """The precision context of every forward whose numbers must agree: training, the opponent's scoring and
+        evaluation all run under it, so the cached opponent log-probs are what the player computes at step 0."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def activation_offload(self):
         """Context for a training forward: with `offload_activations`, what autograd saves for backward is
         copied to pinned CPU memory (asynchronously) and brought back in backward; otherwise nothing.
@@ -75,16 +86,27 @@ def resolve_runtime(cfg: ModelConfig) -> Runtime:
     if cfg.dtype != "auto":
         dtype = getattr(torch, cfg.dtype)
     elif device.type == "cuda":
-        # A T4 has no bf16: fp16 there, with a GradScaler and fp32 LoRA weights (see train.py).
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # A T4 (sm_75) has no bf16: fp16 there, with a GradScaler and fp32 LoRA weights (see train.py).
+        dtype = torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     else:
         dtype = torch.float32
+    if device.type == "cuda" and dtype == torch.bfloat16 and not cuda_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"model.dtype bfloat16 needs a GPU of compute capability 8.0 or newer; this one is "
+                        f"{major}.{minor} (use model.dtype=auto or float16)")
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("model.dtype float16 is not supported on the CPU (use float32 or bfloat16)")
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and device.type == "cuda")
     offload = cfg.offload_activations and device.type == "cuda"  # on the CPU activations are in host memory already
     return Runtime(device, dtype, checkpointing, resolve_backend(cfg, device), offload_activations=offload)
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: compute capability 8.0 (Ampere) and newer. `torch.cuda.is_bf16_supported()`
+    is not the test: it also says True on a T4 (7.5), where bf16 runs through slow emulation and unsloth loads
+    fp16, so a run would mix dtypes and skip the GradScaler fp16 needs."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def unsloth_installed() -> bool:
@@ -335,7 +357,9 @@ def load_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime: Runtime,
     if runtime.backend == "unsloth":
         from frugal_spin.unsloth_backend import load_unsloth_model
 
-        return load_unsloth_model(path, cfg, lora, runtime, max_seq_length=max_seq_length, seed=seed)
+        model = load_unsloth_model(path, cfg, lora, runtime, max_seq_length=max_seq_length, seed=seed)
+        use_kernels(model)  # the log-prob kernel runs on unsloth's hidden states too
+        return model
     return attach_lora(load_base_model(path, cfg, runtime), lora)
 
 
@@ -377,13 +401,33 @@ def attach_lora(base: torch.nn.Module, cfg: LoraSection):
             model = get_peft_model(base, lora_config)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
-    if next(base.parameters()).device.type == "cuda":
-        # Fused NF4 dequant + matmul + low-rank path (Triton); each call falls back to peft's forward when the
-        # kernel does not apply (dropout > 0, no triton, unsloth imported): see kernels/peft_swap.py.
-        from frugal_spin.kernels.peft_swap import use_fused_lora_layers
-
-        use_fused_lora_layers(model)
+    use_kernels(model)
     return model
+
+
+def use_kernels(model) -> dict[str, bool]:
+    """Where the Triton kernels run (CUDA with triton, see kernels/dispatch.py): point peft's 4-bit LoRA layers at
+    the fused NF4 LoRA kernel, and run every kernel variant's self-check now, on the model's device and in its
+    dtypes, before any training or scoring forward. Checked here, outside autograd, the checks never run inside a
+    checkpointed layer's forward, whose saved-tensor hooks would capture their graphs. Returns
+    {"<kernel> <variant>": passed}; empty where the kernels do not run."""
+    from frugal_spin.kernels import logprob
+    from frugal_spin.kernels.dispatch import use_triton
+    from frugal_spin.kernels.peft_swap import use_fused_lora_layers, verify_fused_layers
+    from frugal_spin.logprobs import decoder_and_head
+
+    probe = next(model.parameters())
+    if not use_triton(probe):
+        return {}
+    # Each swapped layer falls back to peft's forward when the kernel does not apply (active dropout, another
+    # adapter type; nothing is swapped when unsloth is imported): see kernels/peft_swap.py.
+    use_fused_lora_layers(model)
+    results = {f"nf4_lora {variant}": ok for variant, ok in verify_fused_layers(model).items()}
+    head = decoder_and_head(model)[1]
+    if not head.weight.requires_grad:
+        results[f"logprob {logprob.Variant(head.weight.dtype)}"] = logprob.verified(head.weight.device,
+                                                                                    head.weight.dtype)
+    return results
 
 
 def load_adapter_weights(model, adapter_dir: Path) -> None:

@@ -17,10 +17,41 @@ from frugal_spin.model import Runtime, attach_lora, inference_mode, load_model, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _simulate_gpu(monkeypatch, *, bf16: bool, unsloth: bool):
+def _simulate_gpu(monkeypatch, *, bf16: bool, unsloth: bool, capability: tuple[int, int] | None = None):
+    """A visible CUDA GPU of `capability` (default: 8.0 with bf16, 7.5 without). `is_bf16_supported` says True
+    either way, as torch's does on a T4 through emulation: the dtype must not be decided by it."""
+    capability = capability or ((8, 0) if bf16 else (7, 5))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(model_mod, "unsloth_installed", lambda: unsloth)
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_dtype_follows_compute_capability_and_scaler_and_backend_agree(monkeypatch, fake_unsloth, capability, dtype):
+    """Regression: `torch.cuda.is_bf16_supported()` is True on a T4 (sm_75, emulated bf16), which made a T4 run
+    bf16 without a GradScaler while unsloth loaded it in fp16. The dtype now follows the compute capability, and
+    the autocast dtype, the GradScaler and both backends' load dtype are that one dtype. (Simulated GPU.)"""
+    _simulate_gpu(monkeypatch, bf16=True, unsloth=True, capability=capability)
+    runtime = resolve_runtime(ModelConfig())
+    assert runtime.compute_dtype == dtype and runtime.autocast_dtype == dtype
+    assert runtime.needs_grad_scaler == (dtype == torch.float16)
+    assert runtime.backend == "unsloth"
+    transformers_runtime = resolve_runtime(ModelConfig(backend="transformers"))
+    assert transformers_runtime.compute_dtype == dtype  # load_base_model's dtype and bnb compute dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the loading itself runs on the CPU here
+    load_model("some/model", ModelConfig(name="some/model"), LoraSection(r=4, alpha=8), runtime,
+               max_seq_length=32, seed=0)
+    assert fake_unsloth[0][1]["dtype"] == dtype  # unsloth loads in the dtype the loop trains in
+
+
+def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
+    _simulate_gpu(monkeypatch, bf16=False, unsloth=False)
+    with pytest.raises(UserError, match="model.dtype bfloat16 needs a GPU of compute capability 8.0 or newer; "
+                                        "this one is 7.5"):
+        resolve_runtime(ModelConfig(dtype="bfloat16"))
+    assert resolve_runtime(ModelConfig(dtype="float16")).needs_grad_scaler
 
 
 def test_t4_like_gpu_gets_fp16_checkpointing_and_transformers_without_unsloth(monkeypatch):

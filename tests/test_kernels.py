@@ -14,6 +14,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import re  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
@@ -303,34 +304,67 @@ def test_swap_is_skipped_when_unsloth_is_loaded(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["logprob", "nf4_lora"])
-def test_self_check_passes_for_the_real_kernels(name, monkeypatch):
-    """The check a GPU run does once per device before using a kernel, here on CPU tensors in the interpreter."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_check_passes_for_the_real_kernels(name, dtype, monkeypatch):
+    """The check a GPU run does once per device and variant before using a kernel, here on CPU tensors in the
+    interpreter, in the run's dtype (bf16 is left out: the interpreter computes it wrongly)."""
+    from frugal_spin.kernels import logprob, nf4_lora
+
     monkeypatch.delenv(dispatch.MODE_ENV, raising=False)
-    dispatch._verified.cache_clear()
+    dispatch.forget_verifications()
     with torch.no_grad():  # the first use may come from no-grad scoring: the check must still run its backward
-        assert dispatch._verified(name, "cpu")
-    dispatch._verified.cache_clear()
+        if name == "logprob":
+            assert logprob.verified(torch.device("cpu"), dtype)
+        else:
+            assert nf4_lora.verified(torch.device("cpu"), nf4_lora.Variant(dtype, 16, True, True))
+            assert nf4_lora.verified(torch.device("cpu"), nf4_lora.Variant(dtype, 64, False, False))
+    assert all(dispatch.verified_variants().values()) and len(dispatch.verified_variants()) == (
+        1 if name == "logprob" else 2)
+    dispatch.forget_verifications()
+
+
+def test_logprob_self_check_covers_several_vocabulary_tiles_and_both_compiled_forms(monkeypatch):
+    """Production runs 38 tiles of BLOCK_V at vocab 151,936, training writes the gradient in place and scoring
+    does not: the check must reach all of that, not one tile in one form."""
+    from frugal_spin.kernels import logprob, logprob_triton
+
+    seen = []
+    original = logprob_triton.logprobs_and_grad_in_place
+
+    def spy(logits, targets, write_grad):
+        seen.append((logits.shape[1], write_grad))
+        return original(logits, targets, write_grad)
+
+    monkeypatch.setattr(logprob_triton, "logprobs_and_grad_in_place", spy)
+    error, tolerance = logprob.self_check(torch.device("cpu"), logprob.Variant(torch.float16))
+    assert error <= tolerance
+    assert {v for v, _ in seen} == {v for v, _ in seen if v > 2 * logprob_triton.BLOCK_V}
+    assert {w for _, w in seen} == {True, False}
 
 
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(monkeypatch, capsys):
     from frugal_spin.kernels import logprob, nf4_lora
 
     monkeypatch.delenv(dispatch.MODE_ENV, raising=False)
-    dispatch._verified.cache_clear()
+    dispatch.forget_verifications()
     real_logprob = logprob.triton_token_logprobs
-    monkeypatch.setattr(logprob, "triton_token_logprobs", lambda *a, **k: real_logprob(*a, **k) + 0.01)
+    monkeypatch.setattr(logprob, "triton_token_logprobs", lambda *a, **k: real_logprob(*a, **k) + 0.1)
 
     def broken(*args):
         raise RuntimeError("out of resources: shared memory")
 
     monkeypatch.setattr(nf4_lora._FusedNF4LoRA, "apply", broken)
-    assert not dispatch.kernel_verified("logprob", torch.device("cpu"))
-    assert not dispatch.kernel_verified("nf4_lora", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    variant = nf4_lora.Variant(torch.float32, 8, False, True)
+    assert not logprob.verified(cpu, torch.float32)
+    assert not nf4_lora.verified(cpu, variant)
     err = capsys.readouterr().err
-    assert "Triton kernel logprob differs from its torch reference on cpu (error 1.00e-02" in err
-    assert "Triton kernel nf4_lora failed its self-check on cpu (RuntimeError: out of resources" in err
-    assert not dispatch.kernel_verified("logprob", torch.device("cpu"))  # checked once: no second warning
+    assert re.search(r"Triton kernel logprob \(head float32\) differs from its torch reference on cpu \(error "
+                     r"[0-9.]+e-0[23] > 1e-04\)", err)  # 0.1 against log-probs near -log(8,315): relative 1e-2
+    assert ("Triton kernel nf4_lora (float32, rank 8, no bias, double quantisation) failed its self-check on cpu "
+            "(RuntimeError: out of resources") in err
+    assert not logprob.verified(cpu, torch.float32)  # checked once: no second warning
     assert capsys.readouterr().err == ""
     monkeypatch.setenv(dispatch.MODE_ENV, "force")
-    assert dispatch.kernel_verified("logprob", torch.device("cpu"))  # force is for testing the kernel itself
-    dispatch._verified.cache_clear()
+    assert logprob.verified(cpu, torch.float32)  # force is for testing the kernel itself
+    dispatch.forget_verifications()

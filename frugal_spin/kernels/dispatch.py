@@ -11,11 +11,21 @@ test module, before any kernel is used, is enough even if something else importe
 run on CPU tensors without the interpreter raises instead of failing somewhere inside triton's driver.
 `FRUGAL_SPIN_TRITON=off` disables the kernels everywhere (a switch for debugging a suspected kernel bug).
 
-Self-check: in `auto` mode a kernel is used on a device only after it has matched its torch reference there once
-(`kernel_verified`: a small forward + backward per kernel and device, once per process). The parity tests run in
-Triton's interpreter on the CPU; a compiler or driver difference on a real GPU must not silently change training,
-so a kernel that fails its check (or raises) is not used on that device, with one warning, and the reference runs.
-`force` skips the check: the tests that force a kernel are checking that kernel itself.
+Self-check: in `auto` mode a kernel variant is used on a device only after it has matched its torch reference
+there once (`kernel_verified`: a small forward + backward per kernel, device and variant, once per process). A
+*variant* is what makes Triton compile another binary or what changes the numbers: the runtime dtype, the LoRA
+rank's tile, a bias, double quantisation, the gradient write. The parity tests run in Triton's interpreter on the
+CPU; a compiler or driver difference on a real GPU must not silently change training, so a variant that fails its
+check (or raises) is not used on that device, with one warning, and the reference runs. `force` skips the check:
+the tests that force a kernel are checking that kernel itself.
+
+When the checks run: `model.use_kernels` runs every variant the model will use right after the adapter is
+attached, outside any autograd graph. A variant first met later (a call inside a checkpointed layer's forward,
+under `save_on_cpu`) is still checked on first use, but under identity saved-tensor hooks, so the check's own
+graph never reaches the enclosing checkpoint's hooks (which would count its tensors and then fail the recompute).
+
+This module imports no kernel: each kernel module passes its own self-check to `kernel_verified`, so the import
+graph stays one-way (kernel -> dispatch).
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ from typing import Callable
 import torch
 
 MODE_ENV = "FRUGAL_SPIN_TRITON"  # auto (default) | force | off
+# CUDA always; tests add "cpu" to run the Triton path on CPU tensors under the interpreter exactly as a GPU run
+# would take it (auto mode, self-checks included).
+TRITON_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,42 +69,52 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return True
     if mode != "auto":
         raise ValueError(f"{MODE_ENV} must be auto, force or off, got {mode!r}")
-    return bool(present) and all(t.device.type == "cuda" for t in present) and triton_importable()
+    return bool(present) and all(t.device.type in TRITON_DEVICE_TYPES for t in present) and triton_importable()
 
 
-@functools.lru_cache(maxsize=None)
-def _verified(name: str, device: str) -> bool:
+_VERIFIED: dict[tuple, bool] = {}  # (kernel, device, variant) -> passed its self-check
+
+
+def _run_check(name: str, target: torch.device, variant, check: Callable[[torch.device], tuple[float, float]]
+               ) -> bool:
     from frugal_spin.ui import warn
 
-    target = torch.device(device)
+    label = f"{name} {variant}" if variant is not None else name
     try:
-        # The first use may come under no_grad (scoring) or autocast (fp16 training): check as plain fp32 autograd.
-        with torch.enable_grad(), torch.autocast(target.type, enabled=False):
-            error, tolerance = _self_check(name)(target)
+        # The first use may come under no_grad (scoring), autocast (mixed precision training) or a checkpointed
+        # forward: the check runs plain autograd, with identity saved-tensor hooks that shadow any enclosing ones.
+        with torch.enable_grad(), torch.autocast(target.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            error, tolerance = check(target)
     except Exception as exc:  # a kernel that cannot even run here must not take the run down with it
-        warn(f"Triton kernel {name} failed its self-check on {device} ({type(exc).__name__}: "
+        warn(f"Triton kernel {label} failed its self-check on {target} ({type(exc).__name__}: "
              f"{' '.join(str(exc).split())[:200]}); using the torch reference")
         return False
     if not error <= tolerance:  # also catches NaN
-        warn(f"Triton kernel {name} differs from its torch reference on {device} (error {error:.2e} > "
+        warn(f"Triton kernel {label} differs from its torch reference on {target} (error {error:.2e} > "
              f"{tolerance:.0e}); using the torch reference")
         return False
     return True
 
 
-def _self_check(name: str) -> Callable[[torch.device], tuple[float, float]]:
-    if name == "logprob":
-        from frugal_spin.kernels.logprob import self_check
-    elif name == "nf4_lora":
-        from frugal_spin.kernels.nf4_lora import self_check
-    else:
-        raise ValueError(f"unknown kernel {name!r}")
-    return self_check
-
-
-def kernel_verified(name: str, device: torch.device) -> bool:
-    """Whether kernel `name` ("logprob" or "nf4_lora") matched its torch reference on `device` (checked once per
-    process and device; always true under FRUGAL_SPIN_TRITON=force)."""
+def kernel_verified(name: str, device: torch.device, variant, check: Callable[[torch.device], tuple[float, float]]
+                    ) -> bool:
+    """Whether variant `variant` (hashable) of kernel `name` matched its torch reference on `device`: `check(device)`
+    returns (error, tolerance); it runs once per process, kernel, device and variant. Always true under
+    FRUGAL_SPIN_TRITON=force."""
     if os.environ.get(MODE_ENV, "auto").lower() == "force":
         return True
-    return _verified(name, str(device))
+    key = (name, str(device), variant)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _run_check(name, torch.device(device), variant, check)
+    return _VERIFIED[key]
+
+
+def verified_variants() -> dict[tuple, bool]:
+    """Every (kernel, device, variant) checked in this process and whether it passed (for reports and tests)."""
+    return dict(_VERIFIED)
+
+
+def forget_verifications() -> None:
+    """Drop every recorded self-check result (tests)."""
+    _VERIFIED.clear()

@@ -26,6 +26,7 @@ bf16 inputs use half-precision dots with fp32 accumulation; the output has the i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -144,33 +145,62 @@ def fused_lora_linear(x: Tensor, weight: NF4Weight, lora_a: Tensor, lora_b: Tens
     path would give bias a gradient if it required one, but bias is frozen in LoRA)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {weight.in_features}")
-    if not (use_triton(x, weight.packed) and kernel_verified("nf4_lora", x.device)):
+    if not (use_triton(x, weight.packed)
+            and verified(x.device, Variant(x.dtype, lora_a.shape[0], bias is not None, weight.nested))):
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
     lead = x.shape[:-1]
     y = _FusedNF4LoRA.apply(x.reshape(-1, x.shape[-1]).contiguous(), lora_a, lora_b, bias, weight, float(scale))
     return y.reshape(*lead, weight.out_features)
 
 
-def self_check(device: torch.device) -> tuple[float, float]:
+class Variant(NamedTuple):
+    """What selects a compiled form of the kernel (or changes its numbers): the input dtype (fp32 dots or half dots),
+    the LoRA rank (its padded tile BLOCK_R), a bias, double quantisation. Forward (W transposed) and d x (W as is)
+    are both part of every check."""
+
+    dtype: torch.dtype
+    rank: int
+    bias: bool
+    nested: bool
+
+    def __str__(self) -> str:
+        return (f"({str(self.dtype).replace('torch.', '')}, rank {self.rank}, {'bias' if self.bias else 'no bias'}, "
+                f"{'double quantisation' if self.nested else 'plain absmax'})")
+
+
+def verified(device: torch.device, variant: Variant) -> bool:
+    """Whether this variant of the kernel passed its self-check on `device` (checked once per process)."""
+    return kernel_verified("nf4_lora", device, variant, lambda target: self_check(target, variant))
+
+
+# Error allowed relative to the largest reference value: a wrong nibble, scale or tile is off by O(1); half dots
+# round their inputs to 11 (fp16) or 8 (bf16) bits where the reference computes in fp32.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def self_check(device: torch.device, variant: Variant = Variant(torch.float32, 8, False, True)) -> tuple[float, float]:
     """Max difference (relative to the largest reference value) of y, d x, d A and d B against
-    `lora_linear_reference` on an odd small shape in fp32, and the tolerance; run once per device by
-    `dispatch.kernel_verified` before the kernel is used there."""
+    `lora_linear_reference` on an odd small shape, in the variant's dtype, rank, bias and quantisation, and the
+    tolerance; `verified` runs it once per device and variant before the kernel is used there."""
     import bitsandbytes.functional as bnb_functional
 
+    dtype = variant.dtype
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(80, 192, generator=gen) / 192**0.5
-    packed, state = bnb_functional.quantize_4bit(w.to(device), blocksize=64, compress_statistics=True,
-                                                 quant_type="nf4")
+    packed, state = bnb_functional.quantize_4bit(w.to(device=device, dtype=dtype), blocksize=64,
+                                                 compress_statistics=variant.nested, quant_type="nf4")
     weight = NF4Weight.from_bnb(packed, state)
-    inputs = [torch.randn(5, 192, generator=gen), torch.randn(8, 192, generator=gen) / 192**0.5,
-              torch.randn(80, 8, generator=gen) * 0.1]
-    upstream = torch.randn(5, 80, generator=gen).to(device)
+    inputs = [torch.randn(5, 192, generator=gen).to(dtype), torch.randn(variant.rank, 192, generator=gen) / 192**0.5,
+              torch.randn(80, variant.rank, generator=gen) * 0.1]  # the adapter stays fp32 (peft)
+    bias = (torch.randn(80, generator=gen) * 0.1).to(device=device, dtype=dtype) if variant.bias else None
+    upstream = torch.randn(5, 80, generator=gen).to(device=device, dtype=dtype)
+    scale = 2.0 / variant.rank
     results = []
-    for fn in (lambda x, a, b: _FusedNF4LoRA.apply(x, a, b, None, weight, 2.0),
-               lambda x, a, b: lora_linear_reference(x, weight, a, b, 2.0)):
+    for fn in (lambda x, a, b: _FusedNF4LoRA.apply(x, a, b, bias, weight, scale),
+               lambda x, a, b: lora_linear_reference(x, weight, a, b, scale, bias)):
         x, a, b = (t.to(device).requires_grad_() for t in inputs)
         y = fn(x, a, b)
         (y * upstream).sum().backward()
         results.append([y.detach(), x.grad, a.grad, b.grad])
-    return max(((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-               for got, ref in zip(*results)), 1e-3
+    return max(((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+               for got, ref in zip(*results)), TOLERANCE[dtype]

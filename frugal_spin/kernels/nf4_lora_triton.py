@@ -12,12 +12,15 @@ r padded to BLOCK_R >= 16 (tl.dot's minimum).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from frugal_spin.kernels.nf4_lora import NF4Weight
+if TYPE_CHECKING:  # only for the annotation: nf4_lora imports this module lazily, and the graph stays one-way
+    from frugal_spin.kernels.nf4_lora import NF4Weight
 
 # 64 x 64 tiles with a K step of 64 keep one dequantised W tile (4,096 values) in registers with 4 warps.
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
