@@ -41,7 +41,6 @@ import gc
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 from frugal_spin import ui
 from frugal_spin.config import Recipe, SFTConfig
@@ -51,39 +50,27 @@ from frugal_spin.live_log import check_log_backends
 from frugal_spin.lm_eval_hook import check_lm_eval_available, run_lm_eval
 from frugal_spin.model import check_model_reference, load_adapter_weights, resolve_runtime, save_adapter
 from frugal_spin.checkpoint import remove_checkpoint
+# The arms' names, the seeds and the budgets are read from records by comparison.py too: they live there, so the
+# two modules import one way only (compare -> comparison).
+from frugal_spin.comparison import (EQUAL_STEPS, EQUAL_TIME, equal_time_budget, loss_arms, render_comparison,
+                                    seeds_of, spin_steps_per_iteration)
 from frugal_spin.distributed import current as current_world
 from frugal_spin.pipeline import Run, absolute_progress, prepared_run_dir
 from frugal_spin.preflight import preflight
 from frugal_spin.rundir import check_output_dir, refuse_wrong_root
 from frugal_spin.profiler import StageMeter
-from frugal_spin.report import read_records
 from frugal_spin.stages import StageStore, fingerprint
 from frugal_spin.threads import apply_threads
-from frugal_spin.train import plan_micro_batches, sft_step_fn, total_optimizer_steps, train_adapter
+from frugal_spin.train import plan_windows, sft_step_fn, total_optimizer_steps, train_adapter
 
-EQUAL_STEPS, EQUAL_TIME = "sft_equal_steps", "sft_equal_time"
-
-
-def loss_arms(recipe: Recipe) -> dict[str, str]:
-    """The SPIN arms of a comparison, {arm name: loss}: "spin" (the seed run, with spin.loss) first, then
-    "spin_<loss>" for every other loss in compare.spin_losses, in the order given."""
-    arms = {"spin": recipe.spin.loss}
-    arms.update({f"spin_{loss}": loss for loss in recipe.compare.spin_losses if loss != recipe.spin.loss})
-    return arms
 
 
 def compare_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.output_dir).expanduser() / "compare"
 
 
-def seeds_of(recipe: Recipe) -> list[int]:
-    return [recipe.seed + i for i in range(recipe.compare.seeds)]
-
-
 def run_compare(recipe: Recipe, command: str | None = None) -> Path:
     """Run (or resume) every seed's arms, then write comparison.json/.md and the charts; return the directory."""
-    from frugal_spin.comparison import render_comparison
-
     if recipe.spin.iterations < 1:
         raise UserError("compare needs spin.iterations >= 1: with none there is no SPIN arm to compare")
     check_dataset_reference(recipe.data)
@@ -130,51 +117,16 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- budgets
 
-def _records_by_stage(run_dir: Path) -> dict[str, dict[str, Any]]:
-    return {r["stage"]: r for r in read_records(run_dir)}
-
-
-def spin_steps_per_iteration(seed_dir: Path, iterations: int) -> list[int]:
-    """Optimizer steps each SPIN iteration of a seed's run took (from its training markers)."""
-    records = _records_by_stage(seed_dir)
-    return [records[f"iter_{t}.train"]["metrics"]["optimizer_steps"] for t in range(iterations)]
-
-
-def spin_iteration_seconds(seed_dir: Path, iterations: int) -> list[float]:
-    """Wall time of each SPIN iteration's work: generating, scoring (previous pairs too) and training."""
-    records = _records_by_stage(seed_dir)
-    return [sum(records[f"iter_{t}.{part}"]["wall_time_s"] for part in ("generate", "score", "score_previous", "train")
-                if f"iter_{t}.{part}" in records) for t in range(iterations)]
-
-
-def equal_time_budget(seed_dir: Path, iterations: int, threshold: float) -> dict[str, Any]:
-    """Whether the equal-time SFT arm is needed, and its steps per block, from one seed's recorded wall times.
-
-    relative_difference = (SPIN time - equal-steps SFT time) / SPIN time over all iterations/blocks; the arm runs
-    when its absolute value exceeds `threshold`. One SFT step's time is the equal-steps arm's training time divided
-    by its steps (evaluation excluded on both sides: it is the same work for every arm)."""
-    spin_s = spin_iteration_seconds(seed_dir, iterations)
-    sft_records = _records_by_stage(seed_dir / EQUAL_STEPS)
-    blocks = [sft_records[f"block_{t}.train"] for t in range(iterations)]
-    sft_s = sum(b["wall_time_s"] for b in blocks)
-    sft_steps = sum(b["metrics"]["optimizer_steps"] for b in blocks)
-    step_s = sft_s / sft_steps
-    relative = (sum(spin_s) - sft_s) / sum(spin_s)
-    needed = abs(relative) > threshold
-    return {"spin_iteration_s": spin_s, "sft_equal_steps_s": sft_s, "sft_step_s": step_s,
-            "relative_difference": relative, "threshold": threshold, "equal_time_arm": needed,
-            "equal_time_steps": [max(1, round(s / step_s)) for s in spin_s] if needed else None}
-
-
 def sft_config_for_steps(sft: SFTConfig, n_items: int, steps: int) -> SFTConfig:
     """The recipe's SFT settings with `epochs` chosen so training takes exactly `steps` optimizer steps.
 
-    train_adapter plans whole epochs plus a rounded share of the last one, so epochs = micro-batches needed /
-    micro-batches per epoch reproduces the count; checked, since a silent off-by-one would unequal the budgets."""
-    per_epoch = len(plan_micro_batches([0] * n_items, replace(sft, epochs=1.0), 0))
-    cfg = replace(sft, epochs=steps * sft.grad_accum_steps / per_epoch)
+    train_adapter plans whole epochs plus a rounded share of the last one's accumulation windows (one window per
+    optimizer step), so epochs = steps / windows per epoch reproduces the count; checked, since a silent off-by-one
+    would unequal the budgets."""
+    per_epoch = len(plan_windows([0] * n_items, replace(sft, epochs=1.0), 0))
+    cfg = replace(sft, epochs=steps / per_epoch)
     actual = total_optimizer_steps(n_items, cfg)
-    if actual != steps:  # pragma: no cover - guards the arithmetic above against changes in plan_micro_batches
+    if actual != steps:  # pragma: no cover - guards the arithmetic above against changes in plan_windows
         raise RuntimeError(f"continued SFT planned {actual} optimizer steps instead of {steps}")
     return cfg
 

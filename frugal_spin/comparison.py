@@ -20,6 +20,9 @@ every SPIN arm (one per SPIN loss) after its last iteration with the SFT stage. 
 paper's sigmoid member, whatever loss an arm trained with, so every arm is measured with the same yardstick. It holds when the mean is lower; the statement says by
 how much and whether that exceeds the spread. The same check on the continued-SFT arm says whether a gain is due
 to SPIN or just to more training.
+
+Budgets (`equal_time_budget`, `spin_steps_per_iteration`) and the arms' names are read from the same records and
+live here too; `compare.py` imports them from here, never the other way round.
 """
 
 from __future__ import annotations
@@ -35,13 +38,65 @@ from frugal_spin.io import write_json, write_text
 from frugal_spin.report import (DIAGNOSTIC_KEYS, DIAGNOSTIC_LABELS, EVAL_KEYS, LOG2, _ROLE_COLOURS, _save_png,
                                 build_report, iteration_diagnostics, logp_direction, read_records)
 
-SFT_ARM_LABELS = {"sft_equal_steps": "LoRA-SFT, equal steps", "sft_equal_time": "LoRA-SFT, equal wall time"}
+# The continued-SFT arms' directory names under each seed's run directory (compare.py runs them).
+EQUAL_STEPS, EQUAL_TIME = "sft_equal_steps", "sft_equal_time"
+SFT_ARM_LABELS = {EQUAL_STEPS: "LoRA-SFT, equal steps", EQUAL_TIME: "LoRA-SFT, equal wall time"}
 METRIC_LABELS = {"heldout_nll": "held-out NLL of real answers", "spin_loss": "SPIN loss on held-out anchor pairs",
                  "reward_margin": "reward margin on anchor pairs", "reward_accuracy": "reward accuracy on anchor pairs",
                  "exact_match": "exact match (greedy)", "train_loss": "training loss of the block"}
 LOWER_IS_BETTER = {"heldout_nll": True, "spin_loss": True, "reward_margin": False, "reward_accuracy": False,
                    "exact_match": False}
 HYPOTHESIS_LOSSES = ("heldout_nll", "spin_loss")
+
+
+def loss_arms(recipe: Recipe) -> dict[str, str]:
+    """The SPIN arms of a comparison, {arm name: loss}: "spin" (the seed run, with spin.loss) first, then
+    "spin_<loss>" for every other loss in compare.spin_losses, in the order given."""
+    arms = {"spin": recipe.spin.loss}
+    arms.update({f"spin_{loss}": loss for loss in recipe.compare.spin_losses if loss != recipe.spin.loss})
+    return arms
+
+
+def seeds_of(recipe: Recipe) -> list[int]:
+    return [recipe.seed + i for i in range(recipe.compare.seeds)]
+
+
+# ---------------------------------------------------------------------------------------------------- budgets
+
+def _records_by_stage(run_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["stage"]: r for r in read_records(run_dir)}
+
+
+def spin_steps_per_iteration(seed_dir: Path, iterations: int) -> list[int]:
+    """Optimizer steps each SPIN iteration of a seed's run took (from its training markers)."""
+    records = _records_by_stage(seed_dir)
+    return [records[f"iter_{t}.train"]["metrics"]["optimizer_steps"] for t in range(iterations)]
+
+
+def spin_iteration_seconds(seed_dir: Path, iterations: int) -> list[float]:
+    """Wall time of each SPIN iteration's work: generating, scoring (previous pairs too) and training."""
+    records = _records_by_stage(seed_dir)
+    return [sum(records[f"iter_{t}.{part}"]["wall_time_s"] for part in ("generate", "score", "score_previous", "train")
+                if f"iter_{t}.{part}" in records) for t in range(iterations)]
+
+
+def equal_time_budget(seed_dir: Path, iterations: int, threshold: float) -> dict[str, Any]:
+    """Whether the equal-time SFT arm is needed, and its steps per block, from one seed's recorded wall times.
+
+    relative_difference = (SPIN time - equal-steps SFT time) / SPIN time over all iterations/blocks; the arm runs
+    when its absolute value exceeds `threshold`. One SFT step's time is the equal-steps arm's training time divided
+    by its steps (evaluation excluded on both sides: it is the same work for every arm)."""
+    spin_s = spin_iteration_seconds(seed_dir, iterations)
+    sft_records = _records_by_stage(seed_dir / EQUAL_STEPS)
+    blocks = [sft_records[f"block_{t}.train"] for t in range(iterations)]
+    sft_s = sum(b["wall_time_s"] for b in blocks)
+    sft_steps = sum(b["metrics"]["optimizer_steps"] for b in blocks)
+    step_s = sft_s / sft_steps
+    relative = (sum(spin_s) - sft_s) / sum(spin_s)
+    needed = abs(relative) > threshold
+    return {"spin_iteration_s": spin_s, "sft_equal_steps_s": sft_s, "sft_step_s": step_s,
+            "relative_difference": relative, "threshold": threshold, "equal_time_arm": needed,
+            "equal_time_steps": [max(1, round(s / step_s)) for s in spin_s] if needed else None}
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -261,8 +316,6 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int,
 
 def summarize(compare_dir: Path, recipe: Recipe) -> dict[str, Any]:
     """comparison.json's content: the collected numbers, the hypothesis verdicts and SPIN-vs-SFT differences."""
-    from frugal_spin.compare import EQUAL_STEPS, equal_time_budget, loss_arms, seeds_of
-
     seeds = seeds_of(recipe)
     iterations = recipe.spin.iterations
     spin_arms = loss_arms(recipe)

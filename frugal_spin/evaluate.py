@@ -27,20 +27,22 @@ from frugal_spin.losses import spin_loss
 from frugal_spin.scoring import score_responses
 
 
-def heldout_nll(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int, chunk_size: int) -> float:
+def heldout_nll(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int, chunk_size: int,
+                autocast=None) -> float:
     logps = score_responses(model, [(e.prompt_ids, e.answer_ids) for e in examples], pad_id=pad_id,
-                            batch_size=batch_size, chunk_size=chunk_size)
+                            batch_size=batch_size, chunk_size=chunk_size, autocast=autocast)
     return -logps.sum().item() / sum(len(e.answer_ids) for e in examples)
 
 
 def anchor_spin_metrics(model, prompts, real, generated, opponent_real: torch.Tensor,
                         opponent_generated: torch.Tensor, *, beta: float, pad_id: int, batch_size: int,
-                        chunk_size: int) -> dict[str, float]:
-    """Scored with the same batching as the cache, so the SFT model reproduces its own numbers bit for bit."""
+                        chunk_size: int, autocast=None) -> dict[str, float]:
+    """Scored with the same batching and precision (`autocast`) as the cache, so the SFT model reproduces its own
+    numbers bit for bit."""
     player_real = score_responses(model, list(zip(prompts, real)), pad_id=pad_id, batch_size=batch_size,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, autocast=autocast)
     player_generated = score_responses(model, list(zip(prompts, generated)), pad_id=pad_id, batch_size=batch_size,
-                                       chunk_size=chunk_size)
+                                       chunk_size=chunk_size, autocast=autocast)
     out = spin_loss(player_real, player_generated, opponent_real, opponent_generated, beta)  # always sigmoid
     return {"spin_loss": out.loss.item(), "reward_margin": out.margins.mean().item(),
             "reward_accuracy": out.accuracy.item(),

@@ -181,9 +181,11 @@ class Run:
 
         def attempt(c: TrainConfig) -> TrainResult:
             with ui.stage_bar(stage.replace(".", " "), total_optimizer_steps(len(lengths), c), "steps") as advance:
+                # SPIN trains without dropout: the cached opponent log-probs were scored without it.
                 return train_adapter(self.model, self.runtime, c, lengths, step, seed=seed,
                                      on_step=absolute_progress(advance), checkpoint_dir=checkpoint_dir,
                                      fingerprint=fp, stage=stage, on_log=on_log if self.live.enabled else None,
+                                     disable_dropout=section == "spin",
                                      **self._trace("sft" if section == "sft" else "spin", stage.split(".")[0]))
 
         try:
@@ -258,7 +260,8 @@ class Run:
         metrics: dict[str, Any] = {}
         with StageMeter(self.runtime.device) as meter, ui.stage_bar(name, 3, "parts") as advance:
             metrics["heldout_nll"] = heldout_nll(self.model, self.heldout, pad_id=self.pad_id,
-                                                 batch_size=r.eval.batch_size, chunk_size=self.chunk)
+                                                 batch_size=r.eval.batch_size, chunk_size=self.chunk,
+                                                 autocast=self.runtime.autocast)
             crash_point(f"{name}.nll")
             tokens = sum(len(e.prompt_ids) + len(e.answer_ids) for e in self.heldout)
             advance()
@@ -268,7 +271,8 @@ class Run:
             metrics.update(anchor_spin_metrics(
                 self.model, [a["prompt_ids"] for a in anchor], [a["real_ids"] for a in anchor],
                 [a["generated_ids"] for a in anchor], anchor_logps["real"], anchor_logps["generated"],
-                beta=r.spin.beta_at(0), pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk))
+                beta=r.spin.beta_at(0), pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk,
+                autocast=self.runtime.autocast))
             advance()
             n_samples = min(r.eval.samples, len(self.heldout))
             if r.data.dataset == BUILTIN_DATASET:
@@ -497,11 +501,13 @@ class Run:
         self.activity = f"{label} scoring (generation.batch_size {batch_size})"
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar(f"{label} score", 2 * len(rows), "sequences") as advance:
+            # Under the training loop's autocast: the cache must be what the player computes at step 0.
             real = score_responses(self.model, [(x["prompt_ids"], x["real_ids"]) for x in rows], pad_id=self.pad_id,
-                                   batch_size=batch_size, chunk_size=self.chunk, on_batch=advance)
+                                   batch_size=batch_size, chunk_size=self.chunk, on_batch=advance,
+                                   autocast=self.runtime.autocast)
             generated = score_responses(self.model, [(x["prompt_ids"], x["generated_ids"]) for x in rows],
                                         pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
-                                        on_batch=advance)
+                                        on_batch=advance, autocast=self.runtime.autocast)
         crash_point(f"{label}.score")
         return {"real": real, "generated": generated}, meter
 

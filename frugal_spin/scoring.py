@@ -3,11 +3,16 @@
 Inputs: (prompt_ids, response_ids) pairs. Output: a float32 tensor, row i = Σ_t log p(response_i,t | prompt_i,
 response_i,<t) by teacher forcing. Used to build the opponent cache once per SPIN iteration (the player then
 trains against these numbers with no opponent forward pass) and by evaluation.
+
+Precision: `autocast` is the training loop's precision context (`Runtime.autocast`); scoring under it makes the
+cache hold exactly what the player computes at step 0 (under bf16 autocast the two would otherwise differ by
+more than the SPIN loss moves in its first steps).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -25,6 +30,7 @@ def score_responses(
     batch_size: int,
     chunk_size: int,
     on_batch: Callable[[int], None] | None = None,
+    autocast: Callable[[], ContextManager] | None = None,
 ) -> torch.Tensor:
     device = next(model.parameters()).device
     was_training = model.training
@@ -38,8 +44,10 @@ def score_responses(
                 on_batch(len(batch))
             continue
         seqs = collate_sequences([pairs[i] for i in batch], pad_id).to(device)
-        out[batch] = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
-                                       chunk_size=chunk_size).float().cpu()
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logps = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
+                                      chunk_size=chunk_size)
+        out[batch] = logps.float().cpu()
         if on_batch is not None:
             on_batch(len(batch))
     model.train(was_training)

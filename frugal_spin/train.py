@@ -7,15 +7,25 @@ Output: the adapter trained in place, and a `TrainResult` (per-step losses and m
 Optimizer: bitsandbytes' paged 8-bit AdamW on CUDA (optimizer state ~2 bytes/param and pages out under memory
 pressure), torch AdamW on the CPU. Scheduler: `transformers.get_scheduler`. fp16 (a T4) uses a GradScaler; LoRA
 weights stay fp32 (peft's default), so the scaler can unscale their gradients.
+
+Gradient accumulation. An optimizer step's gradient is that of the mean loss over its whole *window* (the
+`grad_accum_steps` micro-batches it accumulates), each micro-batch weighted by what its loss averages over: its
+response tokens for SFT (so every token of the window weighs the same, as if the window were one batch; the fix
+transformers made in 2024), its pairs for SPIN (the SPIN loss is a mean over pairs: every pair weighs the same,
+whatever the lengths of its answers). So any split of a window into micro-batches gives the same gradient, also
+for the last, partial window, for a window with skipped (non-finite) micro-batches, whose remaining ones are
+renormalised to their own total, and after an OOM retry, which splits the same windows into twice as many
+micro-batches (`plan_windows`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -31,9 +41,12 @@ from frugal_spin.model import Runtime, trainable_parameters
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor
-    tokens: int
+    loss: torch.Tensor  # the micro-batch's mean loss
+    tokens: int  # tokens forwarded (for tokens/s)
     metrics: dict[str, float] = field(default_factory=dict)
+    # What `loss` is a mean over (response tokens for SFT, pairs for SPIN): the micro-batch's weight in its window.
+    # None: `weight_of(batch)` of the step function (see `train_adapter`).
+    weight: float | None = None
 
 
 StepFn = Callable[[list[int]], StepOutput]
@@ -44,6 +57,7 @@ class TrainResult:
     optimizer_steps: int = 0
     skipped_micro_batches: int = 0  # non-finite losses, not applied
     skipped_optimizer_steps: int = 0  # non-finite gradient norms, not applied
+    scaler_overflow_steps: int = 0  # of those, fp16 GradScaler overflows while it searched its scale (routine)
     tokens: int = 0  # non-padding tokens forwarded (prompt and response)
     losses: list[float] = field(default_factory=list)  # mean loss per optimizer step
     metrics: dict[str, list[float]] = field(default_factory=dict)  # mean of each step metric per optimizer step
@@ -53,19 +67,62 @@ class TrainResult:
         tail = lambda xs: sum(xs[-last:]) / max(1, len(xs[-last:]))  # noqa: E731
         out = {"train_loss": tail(self.losses), "optimizer_steps": self.optimizer_steps,
                "skipped_micro_batches": self.skipped_micro_batches,
-               "skipped_optimizer_steps": self.skipped_optimizer_steps, "tokens": self.tokens}
+               "skipped_optimizer_steps": self.skipped_optimizer_steps,
+               "scaler_overflow_steps": self.scaler_overflow_steps, "tokens": self.tokens}
         out.update({f"train_{k}": tail(v) for k, v in self.metrics.items()})
         return out
 
 
-def plan_micro_batches(lengths: Sequence[int], cfg: TrainConfig, seed: int) -> list[list[int]]:
-    """Length-grouped micro-batches for `cfg.epochs` epochs (a fractional last epoch takes a prefix)."""
-    plan: list[list[int]] = []
+def plan_windows(lengths: Sequence[int], cfg: TrainConfig, seed: int) -> list[list[list[int]]]:
+    """One accumulation window (a list of micro-batches of item indices) per optimizer step, for `cfg.epochs`
+    epochs (a fractional last epoch takes a prefix of its windows).
+
+    Windows of micro_batch_size x grad_accum_steps items are grouped by length, then cut into micro-batches in
+    length order; the last window of an epoch may be short. The windows depend on the product only, so halving the
+    micro-batch and doubling the accumulation (the OOM retry) splits the very same windows finer. With
+    grad_accum_steps 1 this is the length-grouped batching itself."""
+    micro = cfg.micro_batch_size
+    windows: list[list[list[int]]] = []
     for epoch in range(math.ceil(cfg.epochs)):
-        batches = length_grouped_batches(lengths, cfg.micro_batch_size, seed=seed + epoch)
+        groups = length_grouped_batches(lengths, micro * cfg.grad_accum_steps, seed=seed + epoch)
         fraction = min(1.0, cfg.epochs - epoch)
-        plan += batches[: max(1, round(fraction * len(batches)))]
-    return plan
+        for group in groups[: max(1, round(fraction * len(groups)))]:
+            windows.append([group[i: i + micro] for i in range(0, len(group), micro)])
+    return windows
+
+
+def plan_micro_batches(lengths: Sequence[int], cfg: TrainConfig, seed: int) -> list[list[int]]:
+    """The micro-batches of `plan_windows`, in order."""
+    return [batch for window in plan_windows(lengths, cfg, seed) for batch in window]
+
+
+def make_grad_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
+    """A GradScaler exactly when the loop trains under fp16 autocast (`Runtime.needs_grad_scaler`)."""
+    return torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
+
+
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Every dropout of the model off (LoRA's and the base's: `nn.Dropout` modules and float `attention_dropout`
+    / `attn_dropout` / `dropout` attributes that attention implementations read in training mode), restored
+    afterwards. SPIN training needs it: the opponent's cached log-probs were scored without dropout, so with it
+    the player's step-0 log-probs would differ from the cache and the step-0 loss from log 2 (TRL's DPO trainer
+    calls `disable_dropout` for the same reason)."""
+    saved: list[tuple[object, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            saved.append((module, "p", module.p))
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                saved.append((module, name, value))
+                setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
@@ -95,14 +152,24 @@ def train_adapter(
     fingerprint: str = "",
     stage: str = "training",
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    disable_dropout: bool = False,
 ) -> TrainResult:
     """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_steps_done, loss)` reports progress,
     and `on_log(optimizer_steps_done, values)` receives each applied step's loss, learning rate, tokens/s and step
     metrics (for live curves, `live_log.py`).
 
+    Accumulation (module docstring): micro-batch i of a window contributes loss_i * w_i / W to the gradient, w_i its
+    `StepOutput.weight` and W the window's planned total, `step_fn.weight_of(batch)` summed over the window's
+    micro-batches (default: the number of items); should the finite micro-batches weigh less than W (skips), the
+    gradient is rescaled to their own total before the step. The per-step loss recorded is the same weighted mean.
+
     Faults: a micro-batch with a non-finite loss is not backpropagated, and an optimizer step with a non-finite
     gradient norm is not applied; both are counted. `cfg.max_nonfinite_in_a_row` such events without a good step
     in between raise `NonFiniteStreak` (the adapter then holds the last good weights: no bad step was applied).
+    Under fp16 the GradScaler's own overflow skips while its scale is above 1 are the scaler finding its scale, not
+    a diverging run: they are counted (`scaler_overflow_steps`) but not towards the streak.
+
+    `disable_dropout` (SPIN training): every dropout of the model is off while training (`dropout_disabled`).
 
     Resume: with `checkpoint_dir`, the full training state is saved every `cfg.checkpoint_every_steps` optimizer
     steps, and a matching checkpoint found there at the start is restored, so a killed stage continues from its
@@ -119,13 +186,16 @@ def train_adapter(
 
     from frugal_spin.checkpoint import find_checkpoint, plan_digest, restore_checkpoint, save_checkpoint
 
-    micro_batches = plan_micro_batches(lengths, cfg, seed)
-    total_steps = math.ceil(len(micro_batches) / cfg.grad_accum_steps)
+    windows = plan_windows(lengths, cfg, seed)
+    micro_batches = [batch for window in windows for batch in window]
+    window_of: list[int] = [w for w, window in enumerate(windows) for _ in window]
+    total_steps = len(windows)
+    weight_of: Callable[[list[int]], float] = getattr(step_fn, "weight_of", len)
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, cfg, runtime)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if runtime.autocast_dtype == torch.float16 else None
+    scaler = make_grad_scaler(runtime)
     result = TrainResult()
     model.train()
     torch.manual_seed(seed)
@@ -138,73 +208,93 @@ def train_adapter(
         result = TrainResult(**found[1]["progress"])
         if on_step is not None and result.optimizer_steps:
             on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
-    window_losses: list[float] = []
+    planned = 0.0  # the current window's planned total weight W
+    window_weight, window_loss = 0.0, 0.0  # its finite micro-batches' total weight and weighted loss sum
     window_metrics: dict[str, list[float]] = {}
     bad_in_a_row = 0
     tracer = _tracer(trace_dir, trace_steps, runtime)
     logged_at, logged_tokens = time.perf_counter(), result.tokens
     world = current_world()  # with N ranks, window position j of every optimizer step runs on rank j % N
     world.broadcast_params(params)
-    mine: list[tuple[int, float | None, dict[str, float], int]] = []  # (index, loss or None if not finite, ...)
-    for index in range(start, len(micro_batches)):
-        if world.owns(index % cfg.grad_accum_steps):
-            # Seeded by the micro-batch's global index (LoRA dropout): the same draws on any rank and after a resume.
-            torch.manual_seed(seed * 1_000_003 + index)
-            with torch.autocast(runtime.device.type, dtype=runtime.autocast_dtype or torch.float32,
-                                enabled=runtime.autocast_dtype is not None), runtime.activation_offload():
-                out = step_fn(micro_batches[index])
-            if not torch.isfinite(out.loss):
-                mine.append((index, None, {}, 0))
-            else:
-                loss = out.loss / cfg.grad_accum_steps
-                (scaler.scale(loss) if scaler else loss).backward()
-                mine.append((index, out.loss.item(), out.metrics, out.tokens))
-        if (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == len(micro_batches):
+    position = [i for window in windows for i in range(len(window))]  # a micro-batch's place in its window
+    # (index, loss or None if not finite, metrics, tokens, weight) of this rank's micro-batches of the window
+    mine: list[tuple[int, float | None, dict[str, float], int, float]] = []
+    dropout = dropout_disabled(model) if disable_dropout else contextlib.nullcontext()
+    with dropout:
+        for index in range(start, len(micro_batches)):
+            window = windows[window_of[index]]
+            if index == 0 or window_of[index - 1] != window_of[index] or index == start:
+                planned = max(1e-12, float(sum(weight_of(batch) for batch in window)))
+            if world.owns(position[index]):
+                # Seeded by the micro-batch's global index (LoRA dropout): the same draws on any rank and after a
+                # resume.
+                torch.manual_seed(seed * 1_000_003 + index)
+                with runtime.autocast(), runtime.activation_offload():
+                    out = step_fn(micro_batches[index])
+                if not torch.isfinite(out.loss):
+                    mine.append((index, None, {}, 0, 0.0))
+                else:
+                    weight = float(out.weight if out.weight is not None else weight_of(micro_batches[index]))
+                    loss = out.loss * (weight / planned)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    mine.append((index, out.loss.item(), out.metrics, out.tokens, weight))
+            if index + 1 < len(micro_batches) and window_of[index + 1] == window_of[index]:
+                continue
             world.all_reduce_grads(params)  # the window's gradient summed over ranks: the one-process gradient
             # Every rank's micro-batches of the window in the one-process order, so the step's numbers are too.
-            for _, micro_loss, micro_metrics, micro_tokens in sorted(sum(world.gather(mine), []),
-                                                                     key=lambda m: m[0]):
+            for _, micro_loss, micro_metrics, micro_tokens, weight in sorted(sum(world.gather(mine), []),
+                                                                             key=lambda m: m[0]):
                 if micro_loss is None:
                     result.skipped_micro_batches += 1
                     bad_in_a_row += 1
                     continue
-                window_losses.append(micro_loss)
+                window_weight += weight
+                window_loss += micro_loss * weight
                 for k, v in micro_metrics.items():
-                    window_metrics.setdefault(k, []).append(v)
+                    window_metrics.setdefault(k, []).append(v * weight)
                 result.tokens += micro_tokens
             mine = []
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                       else float("inf"))
-            if window_losses and not torch.isfinite(grad_norm):
-                result.skipped_optimizer_steps += 1
-                bad_in_a_row += 1
-                if scaler:  # the scaler skips the step itself and lowers its scale
-                    scaler.step(optimizer)
-                    scaler.update()
-            elif window_losses:
+            # End of the window: one optimizer step (or a counted skip).
+            if window_weight > 0:  # else nothing was backpropagated: nothing to unscale, clip or step
                 if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
+                    scaler.unscale_(optimizer)
+                if window_weight != planned:  # skipped micro-batches: renormalise to the ones that count
+                    with torch.no_grad():
+                        for param in params:
+                            if param.grad is not None:
+                                param.grad.mul_(planned / window_weight)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                           else float("inf"))
+                if not torch.isfinite(grad_norm):
+                    result.skipped_optimizer_steps += 1
+                    if scaler is not None and scaler.get_scale() > 1.0:
+                        result.scaler_overflow_steps += 1  # the scaler searching its scale: routine
+                    else:
+                        bad_in_a_row += 1
+                    if scaler:  # the scaler skips the step itself and lowers its scale
+                        scaler.step(optimizer)
+                        scaler.update()
                 else:
-                    optimizer.step()
-                bad_in_a_row = 0
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    bad_in_a_row = 0
+                result.losses.append(window_loss / window_weight)
+                for k, v in window_metrics.items():
+                    result.metrics.setdefault(k, []).append(sum(v) / window_weight)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.optimizer_steps += 1
-            if window_losses:
-                result.losses.append(sum(window_losses) / len(window_losses))
-                for k, v in window_metrics.items():
-                    result.metrics.setdefault(k, []).append(sum(v) / len(v))
-                if on_log is not None:
-                    now = time.perf_counter()
-                    on_log(result.optimizer_steps, {
-                        "loss": result.losses[-1], "lr": lr,
-                        "tokens_per_s": (result.tokens - logged_tokens) / max(now - logged_at, 1e-9),
-                        **{k: v[-1] for k, v in result.metrics.items()}})
-                    logged_at, logged_tokens = now, result.tokens
+            if window_weight > 0 and on_log is not None:
+                now = time.perf_counter()
+                on_log(result.optimizer_steps, {
+                    "loss": result.losses[-1], "lr": lr,
+                    "tokens_per_s": (result.tokens - logged_tokens) / max(now - logged_at, 1e-9),
+                    **{k: v[-1] for k, v in result.metrics.items()}})
+                logged_at, logged_tokens = now, result.tokens
             if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
                 raise NonFiniteStreak(
                     f"{stage}: {bad_in_a_row} non-finite losses or gradients in a row at optimizer step "
@@ -212,7 +302,7 @@ def train_adapter(
                     f"max_nonfinite_in_a_row)")
             if on_step is not None:
                 on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
-            window_losses, window_metrics = [], {}
+            window_weight, window_loss, window_metrics = 0.0, 0.0, {}
             if tracer is not None:
                 tracer.step()
             if (checkpoint_dir is not None and cfg.checkpoint_every_steps > 0 and index + 1 < len(micro_batches)
@@ -276,7 +366,7 @@ def _tracer(trace_dir: Path | None, steps: int, runtime: Runtime):
 
 
 def total_optimizer_steps(n_items: int, cfg: TrainConfig) -> int:
-    return math.ceil(len(plan_micro_batches([0] * n_items, cfg, 0)) / cfg.grad_accum_steps)
+    return len(plan_windows([0] * n_items, cfg, 0))
 
 
 # ---------------------------------------------------------------- the two losses, per micro-batch
@@ -290,8 +380,10 @@ def sft_step_fn(model, examples: Sequence[Encoded], pad_id: int, chunk_size: int
         logps = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
                                   chunk_size=chunk_size)
         n_tokens = seqs.response_mask.sum(dim=1)
-        return StepOutput(sft_loss(logps, n_tokens), int(seqs.attention_mask.sum()))
+        return StepOutput(sft_loss(logps, n_tokens), int(seqs.attention_mask.sum()), weight=float(n_tokens.sum()))
 
+    # The loss is a mean over response tokens: a micro-batch weighs its response tokens in the window.
+    step.weight_of = lambda batch: sum(len(examples[i].answer_ids) for i in batch)
     return step
 
 
@@ -328,6 +420,8 @@ def spin_step_fn(
         metrics = {"reward_margin": out.margins.mean().item(), "reward_accuracy": out.accuracy.item(),
                    "real_reward": out.real_rewards.mean().item(),
                    "generated_reward": out.generated_rewards.mean().item()}
-        return StepOutput(out.loss, int(seqs.attention_mask.sum()), metrics)
+        return StepOutput(out.loss, int(seqs.attention_mask.sum()), metrics, weight=float(n))
 
+    # The SPIN loss is a mean over pairs: a micro-batch weighs its pairs in the window, whatever their lengths.
+    step.weight_of = len
     return step
