@@ -24,6 +24,11 @@ RSS just before training and a sampled peak during training only.
     python profiling/bench_vs_trl.py                    # T = 256, 512, 1024
     python profiling/bench_vs_trl.py --lengths 1024 --steps 8 --trl-gc
 
+CUDA mode (`--device cuda`, used by profiling/gpu_check.sh): both tools on the GPU, in bf16 where the GPU has it
+(capability >= 8.0) and fp16 otherwise (frugal_spin's `dtype: auto`; TRL's `bf16`/`fp16` flags to match),
+frugal_spin with its GPU defaults (NF4, paged 8-bit AdamW, no checkpointing here, as TRL's run); the memory
+columns then hold the CUDA peak (`torch.cuda.max_memory_allocated`, whole worker) instead of RSS.
+
 Prints a table and, last, `ratio_time=<frugal/trl> ratio_peak_mem=<frugal/trl>` at the largest T; appends rows to
 profiling/results.csv and rewrites profiling/bench_vs_trl.md (unless --no-write).
 """
@@ -116,6 +121,13 @@ def make_pairs(n: int, seq_len: int, vocab: int, seed: int = 1234):
 # ---------------------------------------------------------------- memory probes
 
 
+def cuda_peak_bytes(device: str) -> int:
+    """The CUDA allocator's peak of this worker (0 on the CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+
 def rss_bytes() -> int:
     import psutil
 
@@ -174,8 +186,8 @@ def worker_frugal(args) -> dict:
     torch.manual_seed(0)
     pairs = make_pairs(args.warmup + args.steps, args.seq_len, args.vocab)
     _, eos_id = special_ids(args.vocab)
-    cfg = ModelConfig(name=args.model_dir, device="cpu", dtype="float32", load_in_4bit=not args.no_4bit,
-                      gradient_checkpointing="off")
+    cfg = ModelConfig(name=args.model_dir, device=args.device, dtype="float32" if args.device == "cpu" else "auto",
+                      load_in_4bit=not args.no_4bit, gradient_checkpointing="off")
     runtime = resolve_runtime(cfg)
     model = attach_lora(load_base_model(args.model_dir, cfg, runtime),
                         LoraSection(r=16, alpha=32, dropout=0.0, target_modules=["all-linear"]))
@@ -208,8 +220,9 @@ def worker_frugal(args) -> dict:
         train_adapter(model, runtime, train_cfg, [len(p) + len(r) for p, r in zip(prompts, real)], step,
                       seed=0, on_step=on_step)
     times = step_times(ends, start, args.warmup)
+    peak = cuda_peak_bytes(args.device) or max(maxrss_bytes(), sampler.peak)
     return {"tool": "frugal_spin", "s_per_step": statistics.median(times), "step_times": times,
-            "peak_rss": max(maxrss_bytes(), sampler.peak), "train_peak_rss": sampler.peak, "rss_before": rss_before,
+            "peak_rss": peak, "train_peak_rss": sampler.peak, "rss_before": rss_before,
             "precompute_s_per_pair": precompute_s, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -229,7 +242,9 @@ def worker_trl(args) -> dict:
     rows = {"prompt": [words(p) for p, _, _ in pairs],
             "chosen": [" " + words(r[:-1]) for _, r, _ in pairs],
             "rejected": [" " + words(g[:-1]) for _, _, g in pairs]}
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, device_map="cpu")
+    cuda = args.device == "cuda"
+    half = (torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16) if cuda else None
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, device_map=args.device)
     model.config.use_cache = False
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none",
                              task_type="CAUSAL_LM")
@@ -238,7 +253,8 @@ def worker_trl(args) -> dict:
         output_dir=out_dir, precompute_ref_log_probs=True, precompute_ref_batch_size=1, loss_type="sigmoid",
         beta=0.1, per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=args.seq_len,
         learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        num_train_epochs=1, bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
+        num_train_epochs=1, bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=not cuda,
+        report_to=[], save_strategy="no",
         logging_steps=1, gradient_checkpointing=args.trl_gc, dataloader_num_workers=0, seed=0,
         disable_tqdm=True,
     )
@@ -277,8 +293,9 @@ def worker_trl(args) -> dict:
         trainer.train()
     times = step_times(ends, start, args.warmup)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak = cuda_peak_bytes(args.device) or max(maxrss_bytes(), sampler.peak)
     return {"tool": "trl_gc" if args.trl_gc else "trl", "s_per_step": statistics.median(times),
-            "step_times": times, "peak_rss": max(maxrss_bytes(), sampler.peak), "train_peak_rss": sampler.peak,
+            "step_times": times, "peak_rss": peak, "train_peak_rss": sampler.peak,
             "rss_before": rss_before, "precompute_s_per_pair": precompute["s"] / len(pairs),
             "first_loss": losses[0] if losses else float("nan"), "last_loss": losses[-1] if losses else float("nan")}
 
@@ -289,7 +306,7 @@ def worker_trl(args) -> dict:
 def run_worker(tool: str, seq_len: int, args, model_dir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--seq-len", str(seq_len),
            "--model-dir", str(model_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab", str(args.vocab)]
+           "--vocab", str(args.vocab), "--device", args.device]
     if args.no_4bit:
         cmd.append("--no-4bit")
     if args.threads:
@@ -440,6 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-4bit", action="store_true", help="frugal_spin on the fp32 base (diagnostic only)")
     parser.add_argument("--no-write", action="store_true", help="do not touch results.csv / bench_vs_trl.md")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: both tools on the GPU; memory columns are then the CUDA peak")
     # worker mode (internal)
     parser.add_argument("--worker", choices=["frugal_spin", "trl", "trl_gc"], help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
