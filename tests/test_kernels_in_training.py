@@ -61,7 +61,9 @@ def _four_bit_model(tmp_path, checkpointing: bool, dropout: float = 0.0):
                          tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     runtime = Runtime(torch.device("cpu"), torch.float32, gradient_checkpointing=checkpointing)
-    model = load_model(str(tmp_path / "base"), ModelConfig(name=str(tmp_path / "base")),
+    # cpu_4bit_weights=packed: keep bitsandbytes' NF4 layers on the CPU, as they are on a GPU (the CPU default may
+    # dequantise them once, and then there is no 4-bit layer for the fused kernel).
+    model = load_model(str(tmp_path / "base"), ModelConfig(name=str(tmp_path / "base"), cpu_4bit_weights="packed"),
                        LoraSection(r=8, alpha=16, dropout=dropout), runtime, max_seq_length=64, seed=0)
     with torch.no_grad():  # a trained-looking adapter: B = 0 would hide a wrong low-rank term
         for name, param in model.named_parameters():
