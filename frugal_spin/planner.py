@@ -289,10 +289,16 @@ def lora_param_count(shape: ModelShape, recipe: Recipe) -> int:
     return sum(lora_tensor_sizes(shape, recipe))
 
 
-def weight_bytes(shape: ModelShape, recipe: Recipe, compute_bytes: int) -> int:
-    """Base model bytes: NF4 decoder linears (or compute dtype), the rest in the compute dtype."""
+def weight_bytes(shape: ModelShape, recipe: Recipe, target: Target) -> int:
+    """Base model bytes: NF4 decoder linears (or compute dtype), the rest in the compute dtype.
+
+    On the CPU, `model.cpu_4bit_weights` dequantises the NF4 linears once into the compute dtype (`dequantized`,
+    and `auto` whenever they fit a quarter of free RAM, which is every model this planner's CPU mode is meant for),
+    so only `packed` keeps them at NF4 size there."""
+    compute_bytes = target.compute_bytes
     linear = shape.decoder_linear_params()
-    linear_bytes = linear * NF4_BYTES_PER_PARAM if recipe.model.load_in_4bit else linear * compute_bytes
+    packed = recipe.model.load_in_4bit and (target.device == "cuda" or recipe.model.cpu_4bit_weights == "packed")
+    linear_bytes = linear * NF4_BYTES_PER_PARAM if packed else linear * compute_bytes
     embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
     biases = shape.num_layers * (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
@@ -365,7 +371,7 @@ def _train_stage(name: str, shape: ModelShape, recipe: Recipe, target: Target, s
         activations = saved + (backward if backward > head else 0)
         logits = hidden_grad + (head if head >= backward else 0)
     return StageEstimate(name, {
-        "weights": weight_bytes(shape, recipe, b),
+        "weights": weight_bytes(shape, recipe, target),
         "adapter+optimizer": adapter_bytes(shape, recipe, target, training=True),
         "activations": activations,
         "logits": logits,
@@ -410,7 +416,7 @@ def _generate_parts(shape: ModelShape, recipe: Recipe, b: int, batch: int, promp
 def _inference_stage(name: str, shape: ModelShape, recipe: Recipe, target: Target, activations: int, logits: int,
                      kv: int, notes: str) -> StageEstimate:
     return StageEstimate(name, {
-        "weights": weight_bytes(shape, recipe, target.compute_bytes),
+        "weights": weight_bytes(shape, recipe, target),
         "adapter+optimizer": adapter_bytes(shape, recipe, target, training=False),
         "activations": activations, "logits": logits, "kv_cache": kv, "overhead": target.overhead_bytes,
     }, notes=notes)
@@ -496,7 +502,7 @@ def estimate(recipe: Recipe, shape: ModelShape, gpu: str | None = None, *,
     stages = stage_estimates(recipe, shape, target)
     capacity = int(GPUS[gpu] * GIB) if gpu else None
     plan = Plan(shape, target, gpu, capacity, stages, lora_param_count(shape, recipe),
-                weight_bytes(shape, recipe, target.compute_bytes))
+                weight_bytes(shape, recipe, target))
     if device == "cpu":
         plan.host_ram_bytes = plan.peak_bytes + HOST_RUNTIME_BYTES
     budget = (1 - HEADROOM) * capacity if capacity else None

@@ -10,7 +10,7 @@ import pytest
 from frugal_spin.config import Recipe
 from frugal_spin.errors import UserError
 from frugal_spin.planner import (GIB, KNOWN_SHAPES, ModelShape, estimate, kv_cache_bytes, lora_param_count,
-                                 plan_main, resolve_model_shape, resolve_target, weight_bytes)
+                                 Target, plan_main, resolve_model_shape, resolve_target, weight_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,28 @@ def _recipe(**sections) -> Recipe:
     return recipe
 
 
+GPU_BF16 = Target("cuda", 2, checkpointing=True, optimizer="paged_adamw_8bit", overhead_bytes=0)
+CPU_FP32 = Target("cpu", 4, checkpointing=False, optimizer="adamw", overhead_bytes=0)
+
+
 def test_nf4_weight_bytes_by_hand():
     # NF4 with double quantisation: 196,608 * (1/2 + 1/64 + 4/16384) = 98,304 + 3,072 + 48 = 101,424 bytes;
     # bf16 tied embedding 384 * 128 * 2 = 98,304; three norms 3 * 128 * 2 = 768.
-    assert weight_bytes(ONE_LAYER, Recipe(), 2) == 101_424 + 98_304 + 768
+    assert weight_bytes(ONE_LAYER, Recipe(), GPU_BF16) == 101_424 + 98_304 + 768
     # Untied: the head is a second 384 x 128 matrix; without 4-bit every linear is bf16.
     untied = ModelShape(**{**ONE_LAYER.__dict__, "tie_word_embeddings": False})
-    assert weight_bytes(untied, Recipe(), 2) == 101_424 + 2 * 98_304 + 768
+    assert weight_bytes(untied, Recipe(), GPU_BF16) == 101_424 + 2 * 98_304 + 768
     no_4bit = _recipe(model={"load_in_4bit": False})
-    assert weight_bytes(ONE_LAYER, no_4bit, 2) == 196_608 * 2 + 98_304 + 768
+    assert weight_bytes(ONE_LAYER, no_4bit, GPU_BF16) == 196_608 * 2 + 98_304 + 768
+
+
+def test_cpu_weights_follow_model_cpu_4bit_weights():
+    # On the CPU `auto` and `dequantized` hold the NF4 linears dequantised in fp32 (4 bytes each), `packed` keeps
+    # them NF4; the tied embedding and norms are fp32 either way.
+    rest = 98_304 * 2 + 768 * 2
+    assert weight_bytes(ONE_LAYER, Recipe(), CPU_FP32) == 196_608 * 4 + rest
+    assert weight_bytes(ONE_LAYER, _recipe(model={"cpu_4bit_weights": "dequantized"}), CPU_FP32) == 196_608 * 4 + rest
+    assert weight_bytes(ONE_LAYER, _recipe(model={"cpu_4bit_weights": "packed"}), CPU_FP32) == 101_424 + rest
 
 
 def test_lora_params_qwen25_05b_r16_all_linear():
