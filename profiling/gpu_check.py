@@ -67,6 +67,7 @@ PARTS: list[tuple[str, int, str]] = [  # name, time limit (s), what it does
     ("stages_fp16", 150, "SFT, anchor, generate, score, SPIN train, eval on Qwen2.5-0.5B's shape, fp16, ckpt on"),
     ("stages_bf16", 150, "the same in bf16"),
     ("bench_vs_trl", 120, "profiling/bench_vs_trl.py --device cuda --lengths 512 1024 (needs trl + datasets)"),
+    ("vllm", 90, "profiling/gpu_check_vllm.sh: generation.engine vllm with the opponent's adapter (needs vllm)"),
 ]
 
 
@@ -222,6 +223,8 @@ def run_part(name: str, limit: int) -> tuple[str, dict, str]:
     env.pop("FRUGAL_SPIN_TRITON", None)
     if name == "kernels_compiled":
         cmd = [sys.executable, "-c", kernels_script()]
+    elif name == "vllm":
+        cmd = ["bash", str(REPO / "profiling" / "gpu_check_vllm.sh")]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name]
     try:
@@ -233,6 +236,12 @@ def run_part(name: str, limit: int) -> tuple[str, dict, str]:
     if name == "kernels_compiled":
         ok = proc.returncode == 0 and "CUDA OK" in proc.stdout
         return ("ok" if ok else "failed"), {"kernel_warnings": warnings}, proc.stderr[-2000:]
+    if name == "vllm":  # the fragment says SKIPPED and exits 0 where vllm is not installed (the lent H200)
+        if proc.returncode != 0:
+            return "failed", {}, proc.stderr[-2000:]
+        if "SKIPPED" in proc.stdout:
+            return "skipped", {"skipped": proc.stdout.strip().splitlines()[-1][:300]}, ""
+        return "ok", {"vllm_output": proc.stdout.strip()[-300:]}, ""
     result = next((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
                    if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or result is None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The vLLM step of the first GPU session's check (generation.engine: vllm; vllm_engine.py). Meant to be added to
-# profiling/gpu_check.sh; runnable alone from the repository root: bash profiling/gpu_check_vllm.sh
+# The vLLM step of the GPU check (generation.engine: vllm; vllm_engine.py), run by profiling/gpu_check.sh as its
+# part `vllm`; runnable alone from the repository root: bash profiling/gpu_check_vllm.sh
 # Needs a CUDA GPU and `pip install -e ".[vllm]"`; without vLLM it says so and stops (exit 0: nothing to check).
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
