@@ -54,6 +54,7 @@ class DataSplits:
     train: list[Example]
     heldout: list[Example]
     counts: Counter = field(default_factory=Counter)  # skipped/truncated rows, reported in metrics
+    revision: str | None = None  # the hub dataset's commit hash (hub.resolve_revision); None for local data
 
 
 # ---------------------------------------------------------------- loading
@@ -149,11 +150,11 @@ def _examples(rows: Iterable[dict[str, Any]], counts: Counter, multi_turn: bool)
 
 
 def _sample(rows: Sequence[Any], n: int, seed: int) -> list[Any]:
-    """A seeded sample of n rows (all of them if n >= len), from a list or a `datasets.Dataset`: the indices are
-    drawn as `random.sample` draws them, so both give the same rows, and a Dataset converts only those rows."""
-    if n >= len(rows):
-        return list(rows)
-    indices = random.Random(seed).sample(range(len(rows)), n)
+    """A seeded sample of min(n, len) rows in a seeded order, from a list or a `datasets.Dataset`: the indices are
+    drawn as `random.sample` draws them, so both give the same rows, and a Dataset converts only those rows.
+    Always drawn, also when n >= len: the single-file split takes its held-out rows from the front of this
+    order, which must then depend on the seed (it used to be the file's first rows for every seed)."""
+    indices = random.Random(seed).sample(range(len(rows)), min(n, len(rows)))
     if isinstance(rows, list):
         return [rows[i] for i in indices]
     return list(rows.select(indices))
@@ -163,6 +164,7 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     """Training examples (a seeded `fraction` of the train split) and `eval_size` held-out examples."""
     check_dataset_reference(cfg)
     counts: Counter = Counter()
+    revision = None
     if cfg.dataset == BUILTIN_DATASET:
         from frugal_spin.tasks import arithmetic
 
@@ -185,8 +187,12 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         heldout_rows, train_rows = shuffled[: cfg.eval_size], shuffled[cfg.eval_size:]
     else:  # a hub id, or a local directory laid out like a hub dataset (e.g. data/train_sft-*.parquet)
         name = str(Path(cfg.dataset).expanduser()) if is_local_path(cfg.dataset) else cfg.dataset
-        train_rows = _load_hub(name, cfg.split)
-        heldout_rows = _sample(_load_hub(name, cfg.eval_split), cfg.eval_size, seed)
+        if not is_local_path(cfg.dataset):  # both splits from one commit, the one the run records
+            from frugal_spin.hub import resolve_revision
+
+            revision = resolve_revision(name, "dataset")
+        train_rows = _load_hub(name, cfg.split, revision)
+        heldout_rows = _sample(_load_hub(name, cfg.eval_split, revision), cfg.eval_size, seed)
     # Only the sampled rows become Python objects: ultrachat_200k's train split is 208k conversations.
     train_rows = _sample(train_rows, max(1, round(cfg.fraction * len(train_rows))), seed)
     train_counts: Counter = Counter()
@@ -201,7 +207,7 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
                         f"for training were skipped ({_counts_text(before_heldout)}){held}")
     if not heldout:
         raise UserError(f"data.dataset {cfg.dataset}: no usable held-out rows after filtering ({dict(counts)})")
-    return DataSplits(train, heldout, counts)
+    return DataSplits(train, heldout, counts, revision)
 
 
 def _counts_text(counts: Counter) -> str:
@@ -265,13 +271,14 @@ def _datasets_quiet() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
-def _load_hub(name: str, split: str):
-    """The split as a `datasets.Dataset` (memory-mapped Arrow: rows become Python objects only when sampled)."""
+def _load_hub(name: str, split: str, revision: str | None = None):
+    """The split as a `datasets.Dataset` (memory-mapped Arrow: rows become Python objects only when sampled);
+    `revision` pins a hub commit."""
     import datasets
 
     try:
         with _datasets_quiet():
-            return datasets.load_dataset(name, split=split)
+            return datasets.load_dataset(name, split=split, **({"revision": revision} if revision else {}))
     except Exception as exc:  # offline, unknown id or split: the user must fix the recipe or the network
         raise UserError(f"data.dataset: cannot load {name!r} split {split!r}: {' '.join(str(exc).split())[:300]}")
 
@@ -284,26 +291,16 @@ def encode_prompt(tokenizer, prompt: str, context: Sequence[dict[str, str]] = ()
                                               add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def encode_examples(tokenizer, examples: Sequence[Example], cfg: DataConfig,
-                    counts: Counter) -> tuple[list[Example], list[Encoded]]:
-    """Encode every example; one the chat template refuses (e.g. a `tool` turn in the context of a template that
-    knows only system/user/assistant) is skipped and counted as `skipped_template_error`, not a crash."""
-    from jinja2 import TemplateError
-
-    kept, encoded = [], []
-    for example in examples:
-        try:
-            encoded.append(encode_example(tokenizer, example, cfg, counts))
-        except TemplateError:
-            counts["skipped_template_error"] += 1
-            continue
-        kept.append(example)
-    return kept, encoded
-
-
-def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter | None = None) -> Encoded:
+def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter | None = None,
+                   end_id: int | None = None) -> Encoded:
     """Prompt ids exactly as generation sees them; answer ids are what the template appends for the assistant turn,
-    cut after the first end-of-turn token so that real and generated answers end the same way."""
+    cut after the template's end-of-turn token `end_id` (default `turns.end_of_turn_id`, which is not always eos:
+    Phi-3 `<|end|>`, Llama-3 `<|eot_id|>`), so that real answers end where generation stops. An answer that
+    does not end with it although it was not truncated is counted (`answers_without_end_of_turn`)."""
+    if end_id is None:
+        from frugal_spin.turns import end_of_turn_id
+
+        end_id = end_of_turn_id(tokenizer)
     prompt_ids = encode_prompt(tokenizer, example.prompt, example.context)
     full = list(tokenizer.apply_chat_template(
         [*example.prompt_messages(), {"role": "assistant", "content": example.answer}],
@@ -311,9 +308,42 @@ def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         answer_ids = full[len(prompt_ids):]
     else:  # templates that rewrite earlier turns: fall back to the plain answer followed by end-of-turn
-        answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    answer_ids = cut_after_eos(answer_ids, tokenizer.eos_token_id)
-    return truncate(Encoded(prompt_ids, answer_ids), cfg, counts)
+        answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [end_id]
+    answer_ids = cut_after_eos(answer_ids, end_id)
+    encoded = truncate(Encoded(prompt_ids, answer_ids), cfg, counts)
+    if counts is not None and answer_ids[-1:] != [end_id] and len(answer_ids) <= cfg.max_answer_tokens:
+        counts["answers_without_end_of_turn"] += 1
+    return encoded
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], cfg: DataConfig,
+                    counts: Counter) -> tuple[list[Example], list[Encoded]]:
+    """`encode_example` over a split. An example the chat template refuses (e.g. a `tool` turn in the context of a
+    template that knows only system/user/assistant) is skipped and counted as `skipped_template_error`, not a
+    crash; one warning when real answers do not end with the end-of-turn token (generated ones do: training would
+    then teach the model never to stop)."""
+    from jinja2 import TemplateError
+
+    from frugal_spin.turns import end_of_turn_id
+
+    end_id = end_of_turn_id(tokenizer)
+    before = counts["answers_without_end_of_turn"]
+    kept, encoded = [], []
+    for example in examples:
+        try:
+            encoded.append(encode_example(tokenizer, example, cfg, counts, end_id))
+        except TemplateError:
+            counts["skipped_template_error"] += 1
+            continue
+        kept.append(example)
+    missing = counts["answers_without_end_of_turn"] - before
+    if missing:
+        from frugal_spin.ui import warn
+
+        warn(f"{missing} of {len(kept)} real answers do not end with the chat template's end-of-turn token "
+             f"{tokenizer.convert_ids_to_tokens(end_id)!r} (generation stops there); check the tokenizer's chat "
+             f"template")
+    return kept, encoded
 
 
 def cut_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:

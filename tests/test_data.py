@@ -211,3 +211,20 @@ def test_sampling_a_dataset_gives_the_rows_sampling_the_list_gives():
     rows = _ultrachat_rows(50)
     assert _sample(datasets.Dataset.from_list(rows), 7, seed=5) == _sample(rows, 7, seed=5)
     assert len({r["prompt_id"] for r in _sample(rows, 7, seed=5)}) == 7
+
+
+def test_heldout_of_a_local_file_is_a_seeded_sample_not_its_first_rows(tmp_path):
+    """Issue #11, defect 7: `_sample` returned rows unshuffled when asked for all of them, so the held-out split
+    of a single file was its first eval_size rows for every seed."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(_row(f"q{i}", f"a{i}")) + "\n" for i in range(40)))
+    heldouts = []
+    for seed in range(4):
+        splits = load_splits(DataConfig(dataset=str(path), eval_size=6), seed=seed)
+        heldout, train = {e.prompt for e in splits.heldout}, {e.prompt for e in splits.train}
+        assert len(heldout) == 6 and len(train) == 34 and not heldout & train
+        assert heldout == {e.prompt for e in load_splits(DataConfig(dataset=str(path), eval_size=6),
+                                                         seed=seed).heldout}  # the same seed, the same split
+        heldouts.append(heldout)
+    assert len({frozenset(h) for h in heldouts}) == 4  # every seed holds out other rows
+    assert {f"q{i}" for i in range(6)} not in heldouts
