@@ -198,11 +198,13 @@ def builtin_smollm2_dir(cache_root: Path | None = None) -> Path:
     return converted_dir(gguf, SMOLLM2_WHEEL.member_sha256, cache_root, what)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """`revision`: the hub commit to load (`hub.resolve_revision`), None for a local directory."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  **({"revision": revision} if revision else {}))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         # transformers raises any of these for missing, partial or foreign tokenizer files
         raise UserError(f"model.name: cannot load a tokenizer from {path!r}: "
@@ -234,11 +236,12 @@ def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
     return changed
 
 
-def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime) -> torch.nn.Module:
+def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime, revision: str | None = None) -> torch.nn.Module:
     from transformers import BitsAndBytesConfig
 
     kwargs = dict(dtype=runtime.compute_dtype, trust_remote_code=cfg.trust_remote_code,
-                  device_map={"": runtime.device.index or 0} if runtime.device.type == "cuda" else "cpu")
+                  device_map={"": runtime.device.index or 0} if runtime.device.type == "cuda" else "cpu",
+                  **({"revision": revision} if revision else {}))
     if cfg.load_in_4bit:
         # NF4 with double quantisation: ~0.5 byte per weight; compute in the runtime dtype.
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -352,15 +355,16 @@ def cpu_nf4_misdequantised_layers(model: torch.nn.Module) -> list[str]:
 
 
 def load_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime: Runtime, *, max_seq_length: int,
-               seed: int):
-    """The base with one fresh LoRA adapter, through the runtime's backend."""
+               seed: int, revision: str | None = None):
+    """The base with one fresh LoRA adapter, through the runtime's backend; `revision` pins a hub commit."""
     if runtime.backend == "unsloth":
         from frugal_spin.unsloth_backend import load_unsloth_model
 
-        model = load_unsloth_model(path, cfg, lora, runtime, max_seq_length=max_seq_length, seed=seed)
+        model = load_unsloth_model(path, cfg, lora, runtime, max_seq_length=max_seq_length, seed=seed,
+                                   revision=revision)
         use_kernels(model)  # the log-prob kernel runs on unsloth's hidden states too
         return model
-    return attach_lora(load_base_model(path, cfg, runtime), lora)
+    return attach_lora(load_base_model(path, cfg, runtime, revision), lora)
 
 
 @contextlib.contextmanager

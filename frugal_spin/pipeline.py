@@ -30,6 +30,7 @@ from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.diagnostics import answer_diagnostics, end_token_rate
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
+from frugal_spin.hub import resolve_revision
 from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk_full, read_jsonl, read_safetensors,
                             write_json, write_jsonl, write_safetensors, write_text)
 from frugal_spin.live_log import LiveLog
@@ -42,6 +43,7 @@ from frugal_spin.report import render_report
 from frugal_spin.scoring import score_responses
 from frugal_spin.stages import StageStore, file_digest, fingerprint
 from frugal_spin.threads import apply_threads
+from frugal_spin.turns import end_of_turn_id, scored_pair, stop_token_ids, truncation_counts
 from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn, spin_step_fn,
                                total_optimizer_steps, train_adapter, train_with_oom_retry)
 
@@ -90,6 +92,12 @@ class Run:
             checked = self.checked or preflight(r)
             # Rank 0 copies (and, if damaged, copies again) the base first; the other ranks then find it intact.
             base_path = self.world.first(self._verified_base_path, checked.base_source)
+            # A hub id names a branch: pin the commit it points at now (rank 0's, on every rank), load exactly
+            # that, and identify the base by it.
+            revision = None if Path(base_path).is_dir() else self.world.agree(resolve_revision(base_path, "model"))
+            if revision is None and not Path(base_path).is_dir():
+                ui.warn(f"model.name {base_path}: its hub commit could not be resolved (offline, not cached?); "
+                        f"finished stages are matched by the name alone")
             self.tokenizer = checked.tokenizer
             self.pad_id = self.tokenizer.pad_token_id
             splits = checked.splits
@@ -101,12 +109,20 @@ class Run:
             # The adapter's random init depends only on the seed, not on what ran before in this process (building
             # the base draws from the same generator): a first run and a resumed one start from the same weights.
             torch.manual_seed(r.seed)
-            self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed)
+            self.model = load_model(base_path, r.model, r.lora, self.runtime, max_seq_length=longest, seed=r.seed,
+                                    revision=revision)
             # The weights every stage runs on (packed or dequantised 4-bit) are part of the base's identity: the
             # two give the same model up to float rounding, but cached log-probs must come from exactly these.
-            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir),
+            self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir, revision),
                                        r.model.load_in_4bit, asdict(r.lora), self.runtime.base_weights)
-            self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, len(self.train), len(self.heldout))
+            # The token ids themselves identify the data (a hub dataset's new commit or an edited local file
+            # changes them); the dataset commit is recorded and fingerprinted too.
+            self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, splits.revision,
+                                       _examples_digest(self.train), _examples_digest(self.heldout))
+            # Where answers end (turns.py): generation stops at these ids, and a pair whose two answers differ in
+            # ending with one of them is scored without its end token (the truncation asymmetry).
+            owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.stop_ids = stop_token_ids(self.tokenizer, owner.generation_config)
             self.base_path, self.longest = base_path, longest
             crash_point("setup")
         self.world.write(self.store.complete, "setup", self.data_fp, "setup", {
@@ -114,7 +130,10 @@ class Run:
             "device": str(self.runtime.device), "backend": self.runtime.backend,
             "compute_dtype": str(self.runtime.compute_dtype).replace("torch.", ""),
             "gradient_checkpointing": self.runtime.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
-            "base_weights": self.runtime.base_weights, **meter.memory}, meter.wall_s)
+            "base_weights": self.runtime.base_weights,
+            "end_of_turn_token": self.tokenizer.convert_ids_to_tokens(end_of_turn_id(self.tokenizer)),
+            "stop_token_ids": self.stop_ids, "model_revision": revision, "dataset_revision": splits.revision,
+            **meter.memory}, meter.wall_s)
 
     def _weights(self) -> dict[str, str]:
         """Which weights a stage ran on, for its record: the base as loaded (runtime.base_weights) plus the LoRA
@@ -224,7 +243,7 @@ class Run:
         r = self.recipe
         # One answer per held-out prompt whatever answers_per_prompt says, so that knob leaves the anchor alone.
         generation = {k: v for k, v in asdict(r.generation).items() if k != "answers_per_prompt"}
-        fp = fingerprint("anchor", sft_fp, generation)
+        fp = fingerprint("anchor", sft_fp, generation, self._answer_rules())
         pairs_path = self.run_dir / "eval" / "anchor_pairs.jsonl"
         logps_path = self.run_dir / "eval" / "anchor_logps.safetensors"
         if self.store.completed("anchor", fp):
@@ -268,9 +287,10 @@ class Run:
             anchor = read_jsonl(self.run_dir / "eval" / "anchor_pairs.jsonl")
             tokens += sum(2 * len(a["prompt_ids"]) + len(a["real_ids"]) + len(a["generated_ids"]) for a in anchor)
             anchor_logps = read_safetensors(self.run_dir / "eval" / "anchor_logps.safetensors")
+            real, generated = self._scored(anchor)
             metrics.update(anchor_spin_metrics(
-                self.model, [a["prompt_ids"] for a in anchor], [a["real_ids"] for a in anchor],
-                [a["generated_ids"] for a in anchor], anchor_logps["real"], anchor_logps["generated"],
+                self.model, [a["prompt_ids"] for a in anchor], real, generated,
+                anchor_logps["real"], anchor_logps["generated"],
                 beta=r.spin.beta_at(0), pad_id=self.pad_id, batch_size=r.generation.batch_size, chunk_size=self.chunk,
                 autocast=self.runtime.autocast))
             advance()
@@ -312,7 +332,7 @@ class Run:
         load_adapter_weights(self.model, opponent_dir)
         opponent = fingerprint(opponent_fp, file_digest(opponent_dir)["sha256"])
 
-        gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t)
+        gen_fp = fingerprint("generate", opponent, asdict(r.generation), r.seed, t, self._answer_rules())
         score_fp = fingerprint("score", gen_fp)
         if not self.store.completed(f"iter_{t}.generate", gen_fp) and \
                 not self._reuse_shared(f"iter_{t}.generate", gen_fp, [pairs_path]):
@@ -336,10 +356,10 @@ class Run:
             rows += read_jsonl(self.iter_root / f"iter_{t - 1}" / "pairs.jsonl")
             previous = read_safetensors(it_dir / "previous_pairs_logps.safetensors")
             cache = {key: torch.cat([cache[key], previous[key]]) for key in ("real", "generated")}
-        step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], [x["real_ids"] for x in rows],
-                            [x["generated_ids"] for x in rows], cache["real"], cache["generated"], beta,
-                            self.pad_id, self.chunk, self.runtime.device, loss=r.spin.loss)
-        lengths = [len(x["prompt_ids"]) + max(len(x["real_ids"]), len(x["generated_ids"])) for x in rows]
+        real, generated = self._scored(rows)  # exactly the responses the cache was scored on
+        step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], real, generated, cache["real"],
+                            cache["generated"], beta, self.pad_id, self.chunk, self.runtime.device, loss=r.spin.loss)
+        lengths = [len(x["prompt_ids"]) + max(len(a), len(b)) for x, a, b in zip(rows, real, generated)]
         with StageMeter(self.runtime.device) as meter:
             result, used = self._train(f"iter_{t}.train", r.spin, "spin", train_fp, lengths, step,
                                        r.seed + 1000 * (t + 1), it_dir)
@@ -350,7 +370,7 @@ class Run:
             summary = result.summary()
             self.store.complete(f"iter_{t}.train", train_fp, "train",
                                 {**self._weights(), **summary, **_batching(used), "pairs": len(rows), "beta": beta,
-                                 "loss": r.spin.loss,
+                                 "loss": r.spin.loss, **truncation_counts(rows, self.stop_ids),
                                  # The player's log-prob change against this iteration's opponent, in nats per
                                  # answer (the rewards without beta), over the last optimizer steps: does SPIN raise
                                  # the real answers or only push the generated ones down?
@@ -426,8 +446,8 @@ class Run:
             self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
                 "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
                 "mean_answer_tokens": gen_tokens / max(1, len(rows)), **self._answer_diagnostics(rows),
-                "answers_without_eos": sum(1 for x in rows
-                                           if x["generated_ids"][-1:] != [self.tokenizer.eos_token_id]),
+                "answers_without_eos": sum(1 for x in rows if not set(x["generated_ids"][-1:]) & set(self.stop_ids)),
+                **truncation_counts(rows, self.stop_ids),
                 **gen.memory}, gen.wall_s, outputs=[pairs_path])
             AnswerLog.remove(log_path)
 
@@ -482,13 +502,14 @@ class Run:
                 generated = generate_with_vllm(
                     engine_factory(self.base_path, self.recipe, self.runtime, self.longest, seed), prompts,
                     str(adapter_dir), max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                    top_k=g.top_k, seed=seed, eos_id=self.tokenizer.eos_token_id, answered=answered,
+                    top_k=g.top_k, seed=seed, eos_id=self.stop_ids, answered=answered,
                     on_answers=save_batch, on_batch=advance)
             else:
                 generated = generate_answers(self.model, self.tokenizer, prompts,
                                              max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=seed,
-                                             on_batch=advance, answered=answered, on_answers=save_batch)
+                                             on_batch=advance, answered=answered, on_answers=save_batch,
+                                             stop_ids=self.stop_ids)
         rows = [{"prompt": ex.prompt, **({"context": ex.context} if ex.context else {}), "real": ex.answer,
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(e.prompt_ids), "real_ids": list(e.answer_ids), "generated_ids": gen_ids}
@@ -499,17 +520,30 @@ class Run:
         """The loaded adapter's log-probs of each row's real and generated answer (the opponent cache)."""
         batch_size = self.recipe.generation.batch_size
         self.activity = f"{label} scoring (generation.batch_size {batch_size})"
+        real_ids, generated_ids = self._scored(rows)
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar(f"{label} score", 2 * len(rows), "sequences") as advance:
             # Under the training loop's autocast: the cache must be what the player computes at step 0.
-            real = score_responses(self.model, [(x["prompt_ids"], x["real_ids"]) for x in rows], pad_id=self.pad_id,
-                                   batch_size=batch_size, chunk_size=self.chunk, on_batch=advance,
-                                   autocast=self.runtime.autocast)
-            generated = score_responses(self.model, [(x["prompt_ids"], x["generated_ids"]) for x in rows],
+            real = score_responses(self.model, [(x["prompt_ids"], ids) for x, ids in zip(rows, real_ids)],
+                                   pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
+                                   on_batch=advance, autocast=self.runtime.autocast)
+            generated = score_responses(self.model, [(x["prompt_ids"], ids) for x, ids in zip(rows, generated_ids)],
                                         pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
                                         on_batch=advance, autocast=self.runtime.autocast)
         crash_point(f"{label}.score")
         return {"real": real, "generated": generated}, meter
+
+    def _scored(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        """The real and generated response ids each pair is scored on, by the cache, the player and evaluation
+        alike: without the end token when only one side ends its turn (turns.scored_pair)."""
+        pairs = [scored_pair(x["real_ids"], x["generated_ids"], self.stop_ids) for x in rows]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _answer_rules(self) -> dict[str, Any]:
+        """What decides where answers end and what is scored, beyond the recipe: part of the generation and
+        anchor fingerprints, so runs made before these rules existed (eos-only stopping, the model's own
+        generation_config, end tokens scored one-sided) are never reused."""
+        return {"stop_ids": self.stop_ids, "sampling": "recipe-only", "end_token": "left out when one side is cut"}
 
     # ------------------------------------------------------------ the whole method
 
@@ -590,17 +624,24 @@ def _max_memory(*meters: StageMeter) -> dict[str, float]:
     return {k: max(m.memory[k] for m in meters) for k in meters[0].memory}
 
 
-def _base_identity(path: Path, run_dir: Path) -> str:
-    """What identifies the base: its config, the built-in builder's info when there is one, the tokenizer, and
-    the SHA-256 of its weight files (hashed once, then remembered by size and mtime: base_weights.py), so stages
-    computed from other weights are never reused."""
+def _base_identity(path: Path, run_dir: Path, revision: str | None = None) -> str:
+    """What identifies the base. A hub model: its resolved commit. A local directory: its config, the built-in
+    builder's info when there is one, the tokenizer, and the SHA-256 of its weight files (hashed once, then
+    remembered by size and mtime: base_weights.py), so stages computed from other weights are never reused."""
     from frugal_spin.base_weights import weights_digest
+
+    if revision is not None:
+        return fingerprint(str(path), revision)
 
     parts = [(path / name).read_text(encoding="utf-8")
              for name in ("config.json", "build_info.json", "tokenizer.json", "tokenizer_config.json")
              if (path / name).is_file()]
     digest = weights_digest(path, run_dir / "stages" / "weights_digest.json") if path.is_dir() else None
     return fingerprint(parts or [str(path)], digest)
+
+
+def _examples_digest(examples: list[Encoded]) -> str:
+    return fingerprint([[e.prompt_ids, e.answer_ids] for e in examples])
 
 
 def verified_base_copy(copy: Path, source: Path, run_dir: Path, recopy) -> str:

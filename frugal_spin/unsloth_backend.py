@@ -35,12 +35,14 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def load_unsloth_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime, *, max_seq_length: int, seed: int):
+def load_unsloth_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime, *, max_seq_length: int, seed: int,
+                       revision: str | None = None):
     fast = import_unsloth()
     try:
         model, _tokenizer = fast.from_pretrained(
             model_name=path, max_seq_length=max_seq_length, dtype=runtime.compute_dtype,
-            load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+            load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+            **({"revision": revision} if revision else {}))
     except OSError as exc:
         raise UserError(f"model.name: cannot load {path!r} with unsloth: {' '.join(str(exc).split())[:300]}") from None
     targets = linear_module_names(model) if lora.target_modules == ["all-linear"] else list(lora.target_modules)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from frugal_spin.data import cut_after_eos
+from frugal_spin.turns import cut_after_first
 from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 
@@ -58,26 +58,35 @@ class VllmOpponent:
             # Under torchrun every rank is one vLLM engine of a data-parallel group (vLLM's "external_launcher":
             # one worker per process, the prompts split by us); experimental in vLLM, not yet run on GPUs here.
             extra.update(data_parallel_size=ranks, distributed_executor_backend="external_launcher")
+        # generation_config="vllm": the model's own generation_config.json (a repetition penalty, top_k, ...) must
+        # not become the sampling defaults; only the recipe's fields decide how y' is drawn (as in generate.py).
         self.llm = LLM(model=base_path, tokenizer=base_path, enable_lora=True, max_loras=1, max_lora_rank=rank,
+                       generation_config="vllm",
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                        dtype=str(dtype).replace("torch.", ""), max_model_len=max_model_len, **extra)
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], adapter_dir: str, *,
-                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, eos_id: int) -> list[list[int]]:
-        """One answer per prompt (ids), each cut after its first eos (inclusive), as the HF engine returns them."""
+                 max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                 eos_id: int | Sequence[int]) -> list[list[int]]:
+        """One answer per prompt (ids), each cut after its first stop token (inclusive), as the HF engine returns
+        them; `eos_id` is one id or the run's stop ids (turns.stop_token_ids: the end-of-turn token first)."""
+        stops = [eos_id] if isinstance(eos_id, int) else [int(i) for i in eos_id]
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                                 max_tokens=max_new_tokens, seed=s, stop_token_ids=[eos_id]) for s in seeds]
+                                 max_tokens=max_new_tokens, seed=s, stop_token_ids=stops) for s in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
                                     lora_request=LoRARequest("opponent", 1, str(adapter_dir)), use_tqdm=False)
         answers = []
         for out in outputs:
             sample = out.outputs[0]
-            ids = cut_after_eos(list(sample.token_ids), eos_id)
-            if sample.finish_reason == "stop" and ids[-1:] != [eos_id]:
-                ids.append(eos_id)  # stopped at eos without returning it: score the eos as the HF engine does
+            ids = cut_after_first(list(sample.token_ids), stops)
+            if sample.finish_reason == "stop" and not set(ids[-1:]) & set(stops):
+                # Stopped at a stop token without returning it: score it as the HF engine does (vLLM names the
+                # token in stop_reason; without one, the first stop id, the end-of-turn token).
+                reason = getattr(sample, "stop_reason", None)
+                ids.append(reason if isinstance(reason, int) and reason in stops else stops[0])
             answers.append(ids)
         return answers
 
@@ -105,7 +114,8 @@ def engine_factory(base_path: str, recipe, runtime, max_model_len: int, seed: in
 
 
 def generate_with_vllm(make_engine: Callable[[], Any], prompts: Sequence[Sequence[int]], adapter_dir: str, *,
-                       max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, eos_id: int,
+                       max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
+                       eos_id: int | Sequence[int],
                        answered: dict[int, list[int]] | None = None,
                        on_answers: Callable[[list[int], list[list[int]]], None] | None = None,
                        on_batch: Callable[[int], None] | None = None) -> list[list[int]]:

@@ -44,10 +44,19 @@ def run_dir(tmp_path_factory, small_base_cache):
     return root / "run"
 
 
+def _scored(run_dir: Path, row: dict) -> tuple[list[int], list[int]]:
+    """The responses of a pair as the run scores them: without the end token when only one side ends."""
+    from frugal_spin.turns import scored_pair
+
+    stop_ids = json.loads((run_dir / "stages" / "setup.json").read_text())["metrics"]["stop_token_ids"]
+    return scored_pair(row["real_ids"], row["generated_ids"], stop_ids)
+
+
 def test_the_ids_scored_are_the_ids_generated_from_and_those_saved(run_dir):
     """One chat format everywhere: per iteration, generation starts from exactly the prompt ids that scoring
     conditions on (for the real and the generated answer) and that pairs.jsonl records. Calls in order: anchor,
-    then each iteration (generation, real scoring, generated scoring)."""
+    then each iteration (generation, real scoring, generated scoring). A pair in which only one answer ends
+    (the other was cut at its length limit) is scored without that end token."""
     import sys
 
     for t in range(2):
@@ -55,8 +64,12 @@ def test_the_ids_scored_are_the_ids_generated_from_and_those_saved(run_dir):
         prompts = SEEN["generated_from"][1 + t]
         real, generated = SEEN["scored"][2 * (1 + t)], SEEN["scored"][2 * (1 + t) + 1]
         assert prompts == [r["prompt_ids"] for r in rows]
-        assert real == [(r["prompt_ids"], r["real_ids"]) for r in rows]
-        assert generated == [(r["prompt_ids"], r["generated_ids"]) for r in rows]
+        assert real == [(r["prompt_ids"], _scored(run_dir, r)[0]) for r in rows]
+        assert generated == [(r["prompt_ids"], _scored(run_dir, r)[1]) for r in rows]
+        left_out = sum(_scored(run_dir, r) != (r["real_ids"], r["generated_ids"]) for r in rows)
+        record = json.loads((run_dir / "stages" / f"iter_{t}.generate.json").read_text())["metrics"]
+        assert record["pairs_end_token_left_out"] == left_out > 0  # 16 new tokens cut many generated answers
+        assert record["pairs_generated_truncated"] == record["answers_without_eos"] >= left_out
     setup = json.loads((run_dir / "stages" / "setup.json").read_text())
     assert setup["metrics"]["backend"] == "transformers"
     assert "unsloth" not in sys.modules  # the CPU path never imports the optional backend
@@ -144,8 +157,8 @@ def test_cached_logps_equal_plain_recomputation_from_base_and_previous_adapter(r
     cache = read_safetensors(run_dir / f"iter_{t}" / "opponent_logps.safetensors")
     model = _load_independently(run_dir, opponent)
     for i, row in enumerate(rows):
-        for key in ("real", "generated"):
-            plain = _plain_logps(model, row["prompt_ids"], row[f"{key}_ids"])
+        for key, response in zip(("real", "generated"), _scored(run_dir, row)):
+            plain = _plain_logps(model, row["prompt_ids"], response)
             assert abs(plain - cache[key][i].item()) <= 1e-5 * max(1.0, abs(plain)), (t, i, key)
 
 
@@ -172,9 +185,9 @@ def test_player_reproduces_cached_opponent_logps_at_start_of_iteration(run_dir):
     rows = read_jsonl(run_dir / "iter_1" / "pairs.jsonl")
     cache = read_safetensors(run_dir / "iter_1" / "opponent_logps.safetensors")
     pad_id = load_tokenizer(str(run_dir / "base")).pad_token_id
-    step = spin_step_fn(model, [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows],
-                        [r["generated_ids"] for r in rows], cache["real"], cache["generated"], 0.1, pad_id, 1024,
-                        runtime.device)
+    scored = [_scored(run_dir, r) for r in rows]
+    step = spin_step_fn(model, [r["prompt_ids"] for r in rows], [s[0] for s in scored], [s[1] for s in scored],
+                        cache["real"], cache["generated"], 0.1, pad_id, 1024, runtime.device)
     model.train()
     out = step(list(range(16)))
     assert abs(out.loss.item() - math.log(2)) < 1e-6

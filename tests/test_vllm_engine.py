@@ -156,3 +156,28 @@ def test_the_pipeline_takes_the_opponents_answers_from_vllm_and_scores_them_itse
     logps = read_safetensors(run / "iter_0" / "opponent_logps.safetensors")
     assert logps["generated"].shape == (len(pairs),) and logps["generated"].isfinite().all()
     assert (logps["generated"] < 0).all()  # our scoring of the stand-in's ids, not anything vLLM returned
+
+
+def test_the_engine_ignores_the_models_generation_config_and_stops_at_every_stop_id(monkeypatch):
+    """Issue #11, defects 5 and 6 on the vLLM path: LLM(generation_config="vllm") keeps the model's
+    generation_config.json out of the sampling defaults, and every stop id (the end-of-turn token first) ends an
+    answer; a stop the engine does not return is added back as the token vLLM names, else the end-of-turn token."""
+    import torch
+
+    from frugal_spin import vllm_engine
+
+    recorder = Recorder()
+    for name, module in _stand_in(recorder, EOS).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    end = EOS + 1
+    make = lambda: vllm_engine.VllmOpponent("/base", lora_rank=8, load_in_4bit=False, dtype=torch.float16,  # noqa
+                                            max_model_len=64, gpu_memory_utilization=0.3, seed=0)
+    answers = vllm_engine.generate_with_vllm(make, [[5, 6], [7], [8, 9, 10]], "/a", max_new_tokens=3,
+                                             temperature=1.0, top_p=1.0, top_k=0, seed=3, eos_id=[end, EOS])
+    (engine,) = recorder.engines
+    assert engine["generation_config"] == "vllm"
+    (call,) = recorder.calls
+    assert all(p["stop_token_ids"] == [end, EOS] for p in call["params"])
+    for i, p in enumerate(call["params"]):
+        stopped = p["seed"] % 2  # the stand-in stops these without returning the stop token
+        assert (answers[i][-1] == end) if stopped else len(answers[i]) == 3
