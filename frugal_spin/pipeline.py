@@ -30,7 +30,6 @@ from frugal_spin.evaluate import anchor_spin_metrics, exact_match, heldout_nll
 from frugal_spin.diagnostics import answer_diagnostics, end_token_rate
 from frugal_spin.faults import crash_point
 from frugal_spin.generate import AnswerLog, generate_answers
-from frugal_spin.hub import resolve_revision
 from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk_full, read_jsonl, read_safetensors,
                             write_json, write_jsonl, write_safetensors, write_text)
 from frugal_spin.live_log import LiveLog
@@ -92,9 +91,9 @@ class Run:
             checked = self.checked or preflight(r)
             # Rank 0 copies (and, if damaged, copies again) the base first; the other ranks then find it intact.
             base_path = self.world.first(self._verified_base_path, checked.base_source)
-            # A hub id names a branch: pin the commit it points at now (rank 0's, on every rank), load exactly
-            # that, and identify the base by it.
-            revision = None if Path(base_path).is_dir() else self.world.agree(resolve_revision(base_path, "model"))
+            # A hub model's commit, pinned by preflight (rank 0's, on every rank): the weights load exactly that
+            # snapshot and the base is identified by it.
+            revision = None if Path(base_path).is_dir() else self.world.agree(checked.model_revision)
             if revision is None and not Path(base_path).is_dir():
                 ui.warn(f"model.name {base_path}: its hub commit could not be resolved (offline, not cached?); "
                         f"finished stages are matched by the name alone")

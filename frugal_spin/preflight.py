@@ -26,6 +26,7 @@ from typing import Any
 from frugal_spin.config import BUILTIN_MODEL, LoraSection, ModelConfig, Recipe
 from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encode_examples, load_splits
 from frugal_spin.errors import UserError
+from frugal_spin.hub import resolve_revision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
@@ -38,6 +39,7 @@ class Checked:
     splits: DataSplits
     train: list[Encoded] = field(default_factory=list)
     heldout: list[Encoded] = field(default_factory=list)
+    model_revision: str | None = None  # a hub model's commit, resolved once here: tokenizer and weights load it
 
 
 def preflight(recipe: Recipe) -> Checked:
@@ -62,7 +64,10 @@ def preflight(recipe: Recipe) -> Checked:
         check_hub_model(source)
     if Path(source).is_dir():
         check_model_dir(Path(source), recipe.model.trust_remote_code)
-    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+    # A hub id names a branch: pin the commit it points at now, so the tokenizer here and the weights later are
+    # one snapshot, and the run is identified by it (None for local directories, or when it cannot be resolved).
+    revision = None if Path(source).is_dir() else resolve_revision(source, "model")
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, revision)
     check_target_modules(source, recipe.model, recipe.lora)
     train_examples, train = encode_examples(tokenizer, splits.train, recipe.data, splits.counts)
     heldout_examples, heldout = encode_examples(tokenizer, splits.heldout, recipe.data, splits.counts)
@@ -70,8 +75,8 @@ def preflight(recipe: Recipe) -> Checked:
         which = "training" if not train else "held-out"
         raise UserError(f"data.dataset {recipe.data.dataset}: no {which} row can be written with the model's chat "
                         f"template ({dict(splits.counts)})")
-    splits = DataSplits(train_examples, heldout_examples, splits.counts)
-    return Checked(source, tokenizer, splits, train, heldout)
+    splits = DataSplits(train_examples, heldout_examples, splits.counts, splits.revision)
+    return Checked(source, tokenizer, splits, train, heldout, revision)
 
 
 def base_source(cfg: ModelConfig) -> str:

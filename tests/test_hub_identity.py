@@ -85,18 +85,25 @@ def _setup_as_hub_model(monkeypatch, tmp_path, small_base_cache, revision: str, 
     local = tiny_base.ensure_tiny_base(tmp_path / "hub_copy", cache_root=small_base_cache, spec=SMALL_BASE,
                                        progress=False)
     (local / "build_info.json").unlink()  # a hub snapshot has no builder info: the commit must identify it
+    from frugal_spin import model, preflight
+
     loaded = []
-    load_tokenizer, load_model = pipeline.load_tokenizer, pipeline.load_model
-    monkeypatch.setattr(pipeline, "resolve_revision", lambda repo_id, repo_type="model": revision)
+    load_tokenizer, load_model = model.load_tokenizer, pipeline.load_model
+    # preflight resolves the commit and loads the tokenizer; the hub itself is never asked (no network here)
+    monkeypatch.setattr(preflight, "resolve_revision", lambda repo_id, repo_type="model": revision)
+    monkeypatch.setattr(preflight, "base_source", lambda cfg: "org/tiny")
+    monkeypatch.setattr(preflight, "check_hub_model", lambda name: None)
+    monkeypatch.setattr(preflight, "check_target_modules", lambda source, cfg, lora: None)
     monkeypatch.setattr(pipeline, "resolve_base_path", lambda cfg, run_dir: "org/tiny")
-    monkeypatch.setattr(pipeline, "load_tokenizer", lambda path, trc=False, rev=None: (
+    monkeypatch.setattr(model, "load_tokenizer", lambda path, trc=False, rev=None: (
         loaded.append(("tokenizer", path, rev)), load_tokenizer(str(local), trc))[1])
     monkeypatch.setattr(pipeline, "load_model", lambda path, *a, revision=None, **k: (
         loaded.append(("model", path, revision)), load_model(str(local), *a, **k))[1])
     recipe = load_recipe(REPO / "recipes" / "cpu_tiny.yaml",
                          [f"output_dir={tmp_path / name}", "data.fraction=0.02", "data.eval_size=4"])
-    run = pipeline.Run(recipe, pipeline.prepare_run_dir(recipe, restart=False))
-    run.setup()
+    with pipeline.prepared_run_dir(recipe) as run_dir:  # the run directory as a run holds it (identity, lock)
+        run = pipeline.Run(recipe, run_dir)
+        run.setup()
     return run, loaded
 
 
@@ -117,6 +124,8 @@ def test_local_weights_are_part_of_the_identity(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"old weights")
-    before = _base_identity(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"new weights")
-    assert _base_identity(tmp_path) != before
+    run_dir = tmp_path / "run"
+    (run_dir / "stages").mkdir(parents=True)
+    before = _base_identity(tmp_path, run_dir)
+    (tmp_path / "model.safetensors").write_bytes(b"new weights!")  # another size: the memo is keyed by size+mtime
+    assert _base_identity(tmp_path, run_dir) != before
