@@ -21,11 +21,9 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from frugal_spin.stages import file_digest  # the project's one file hash (sha256sum's)
+
+    return file_digest(path)["sha256"]
 
 
 def weights_digest(model_dir: Path, memo_path: Path) -> str:

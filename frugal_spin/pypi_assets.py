@@ -14,7 +14,6 @@ killed download or extraction never leaves a file that a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -57,11 +56,9 @@ def default_cache_root() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from frugal_spin.stages import file_digest  # the project's one file hash (sha256sum's)
+
+    return file_digest(path)["sha256"]
 
 
 def pip_download_command(requirement: str, dest: Path) -> list[str]:
