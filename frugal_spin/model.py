@@ -368,20 +368,81 @@ def load_model(path: str, cfg: ModelConfig, lora: LoraSection, runtime: Runtime,
 
 
 @contextlib.contextmanager
-def inference_mode(model, runtime: Runtime) -> Iterator[None]:
+def inference_mode(model, runtime: Runtime) -> Iterator[bool]:
     """Generation inside this block uses the backend's fast path: unsloth's inference mode (its fused attention
-    and KV cache) when that backend is active, switched back to training mode afterwards; plain transformers
-    otherwise."""
+    and KV cache) when that backend is active, switched back to training mode afterwards; on the CPU, the adapter
+    merged into plain float base weights (`adapter_merged_for_generation`); plain transformers otherwise.
+    Yields whether the adapter was merged, for the stage's record."""
     if runtime.backend != "unsloth":
-        yield
+        with adapter_merged_for_generation(model, runtime) as merged:
+            yield merged
         return
     from frugal_spin.unsloth_backend import for_inference, for_training
 
     for_inference(model)
     try:
-        yield
+        yield False
     finally:
         for_training(model, runtime)
+
+
+GENERATION_MERGED = "adapter merged into a temporary copy of the base weights (sampling only; restored exactly after)"
+GENERATION_UNMERGED = "LoRA adapter (unmerged)"
+
+
+def mergeable_lora_layers(model, runtime: Runtime) -> list:
+    """The LoRA layers whose adapter `adapter_merged_for_generation` may fold into the base: all of them or none.
+
+    Only on the CPU, and only when every base layer is a plain float `nn.Linear` (the dequantised NF4 weights or
+    an unquantised base): a bitsandbytes 4-bit layer cannot take a merge without requantising (the weights would
+    change), and a GPU run keeps the 4-bit layers. The merged copies must fit a quarter of the RAM available now
+    (SmolLM2-135M: 0.39 GiB for the 210 linear layers)."""
+    if runtime.device.type != "cpu" or runtime.backend != "transformers":
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        return []
+    for layer in layers:
+        base = layer.get_base_layer()
+        adapters = list(layer.active_adapters)
+        if (type(base) is not torch.nn.Linear or not base.weight.dtype.is_floating_point or layer.merged
+                or layer.disable_adapters or len(adapters) != 1 or adapters[0] not in layer.lora_A
+                or adapters[0] in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapters[0], False)):
+            return []
+    import psutil
+
+    needed = sum(layer.get_base_layer().weight.numel() * layer.get_base_layer().weight.element_size()
+                 for layer in layers)
+    world = current_world()  # every rank must sample from the same weights
+    return layers if world.agree(needed < psutil.virtual_memory().available / (4 * world.local_size)) else []
+
+
+@contextlib.contextmanager
+def adapter_merged_for_generation(model, runtime: Runtime) -> Iterator[bool]:
+    """Sample from W + (alpha/r) B A in one matmul per layer instead of W x plus the adapter's two small matmuls
+    and peft's per-layer Python: on the CPU, decoding is dominated by that overhead (SmolLM2-135M, 210 adapted
+    layers). Each merged weight is a new tensor; the original is put back untouched afterwards (not unmerged by
+    subtraction, which would round), so training and scoring always run on exactly the loaded weights and only
+    the sampling sees the merged copy, which agrees with base + adapter to float rounding (~1e-7 relative).
+    Yields whether it merged (see `mergeable_lora_layers`)."""
+    layers = mergeable_lora_layers(model, runtime)
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base, name = layer.get_base_layer(), layer.active_adapters[0]
+                original = base.weight
+                merged = original.detach() + layer.get_delta_weight(name).to(original.dtype)
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                layer.merged_adapters.append(name)  # peft then calls the base layer alone
+                saved.append((layer, base, original, name))
+        yield bool(saved)
+    finally:
+        for layer, base, original, name in saved:
+            base.weight = original
+            layer.merged_adapters.remove(name)
 
 
 @contextlib.contextmanager

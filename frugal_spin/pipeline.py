@@ -33,8 +33,8 @@ from frugal_spin.generate import AnswerLog, generate_answers
 from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk_full, read_jsonl, read_safetensors,
                             write_json, write_jsonl, write_safetensors, write_text)
 from frugal_spin.live_log import LiveLog
-from frugal_spin.model import inference_mode, load_adapter_weights, load_model, resolve_base_path, resolve_runtime, \
-    save_adapter
+from frugal_spin.model import GENERATION_MERGED, GENERATION_UNMERGED, inference_mode, load_adapter_weights, \
+    load_model, resolve_base_path, resolve_runtime, save_adapter
 from frugal_spin.preflight import Checked, preflight
 from frugal_spin.profiler import StageMeter
 from frugal_spin.rundir import check_output_dir, open_run_dir
@@ -134,11 +134,16 @@ class Run:
             "stop_token_ids": self.stop_ids, "model_revision": revision, "dataset_revision": splits.revision,
             **meter.memory}, meter.wall_s)
 
-    def _weights(self) -> dict[str, str]:
+    def _weights(self, sampling_merged: bool | None = None) -> dict[str, str]:
         """Which weights a stage ran on, for its record: the base as loaded (runtime.base_weights) plus the LoRA
-        adapter, unmerged. Training, generation, scoring and evaluation share the one model, so the cached
-        log-probs are exactly those of the weights the player trains against."""
-        return {"weights": f"{self.runtime.base_weights} + LoRA adapter (unmerged)"}
+        adapter, unmerged. Training, scoring and evaluation's log-probs share the one model, so the cached
+        log-probs are exactly those of the weights the player trains against. A stage that samples also says
+        whether it sampled from a merged copy (`model.adapter_merged_for_generation`, the CPU's fast path)."""
+        out = {"weights": f"{self.runtime.base_weights} + {GENERATION_UNMERGED}"}
+        if sampling_merged is not None:
+            out["generation_weights"] = (f"{self.runtime.base_weights} + "
+                                         f"{GENERATION_MERGED if sampling_merged else GENERATION_UNMERGED}")
+        return out
 
     def _verified_base_path(self, source: str) -> str:
         """Where the base is loaded from: the run's copy of the built-in base, checked against `source`."""
@@ -248,7 +253,7 @@ class Run:
         if self.store.completed("anchor", fp):
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
-        rows, gen = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919, fp=fp,
+        rows, gen, merged = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919, fp=fp,
                                    log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl",
                                    adapter_dir=self.run_dir / "sft" / "adapter")
         logps, score = self._score("anchor", rows)
@@ -258,7 +263,7 @@ class Run:
             write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                            "pairs_sha256": file_digest(pairs_path)["sha256"]})
             tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
-            self.store.complete("anchor", fp, "generate", {**self._weights(),  # tokens: generated, then scored
+            self.store.complete("anchor", fp, "generate", {**self._weights(merged),  # tokens: generated, then scored
                 "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
                 "mean_answer_tokens": sum(len(x["generated_ids"]) for x in rows) / max(1, len(rows)),
                 **self._answer_diagnostics(rows), **_max_memory(gen, score)}, gen.wall_s + score.wall_s,
@@ -294,17 +299,18 @@ class Run:
                 autocast=self.runtime.autocast))
             advance()
             n_samples = min(r.eval.samples, len(self.heldout))
+            sampling_merged = None
             if r.data.dataset == BUILTIN_DATASET:
                 from frugal_spin.tasks.arithmetic import is_correct
 
-                with inference_mode(self.model, self.runtime):
+                with inference_mode(self.model, self.runtime) as sampling_merged:
                     metrics["exact_match"], texts, generated_tokens = exact_match(
                         self.model, self.tokenizer, self.heldout, self.heldout_answers, is_correct,
                         max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size)
                 tokens += generated_tokens
             elif n_samples:
                 # Chat data has no exact answer: only the few sample prompts are answered, greedily.
-                with inference_mode(self.model, self.runtime):
+                with inference_mode(self.model, self.runtime) as sampling_merged:
                     answers = generate_answers(self.model, self.tokenizer,
                                                [e.prompt_ids for e in self.heldout[:n_samples]],
                                                max_new_tokens=r.eval.max_new_tokens, batch_size=r.eval.batch_size,
@@ -317,7 +323,7 @@ class Run:
                                   list(zip(self.heldout_examples, self.heldout_answers, texts))[:n_samples]] \
                 if n_samples else []
             advance()
-        self.world.write(self.store.complete, name, fp, "eval", {**self._weights(), **metrics, "tokens": tokens,
+        self.world.write(self.store.complete, name, fp, "eval", {**self._weights(sampling_merged), **metrics, "tokens": tokens,
                                                                  "tokens_per_s": tokens / meter.wall_s,
                                                                  **meter.memory}, meter.wall_s)
         self.live.evaluation(metrics, self._steps_done())
@@ -433,7 +439,7 @@ class Run:
     def _generate_iteration(self, t: int, pairs_path: Path, gen_fp: str, opponent_dir: Path) -> None:
         log_path = pairs_path.with_name("answers.partial.jsonl")
         k = self.recipe.generation.answers_per_prompt  # k answers per prompt = k pairs, one after another
-        rows, gen = self._generate(f"iter_{t}", [e for e in self.train for _ in range(k)],
+        rows, gen, merged = self._generate(f"iter_{t}", [e for e in self.train for _ in range(k)],
                                    [e for e in self.train_examples for _ in range(k)],
                                    seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path,
                                    adapter_dir=opponent_dir)
@@ -442,7 +448,7 @@ class Run:
             write_jsonl(pairs_path, rows)
             crash_point(f"iter_{t}.generate.written")
             gen_tokens = sum(len(x["generated_ids"]) for x in rows)
-            self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(),
+            self.store.complete(f"iter_{t}.generate", gen_fp, "generate", {**self._weights(merged),
                 "answers": len(rows), "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen.wall_s,
                 "mean_answer_tokens": gen_tokens / max(1, len(rows)), **self._answer_diagnostics(rows),
                 "answers_without_eos": sum(1 for x in rows if not set(x["generated_ids"][-1:]) & set(self.stop_ids)),
@@ -479,7 +485,7 @@ class Run:
         self.world.write(finish)
 
     def _generate(self, label: str, encoded: list[Encoded], examples: list, seed: int, fp: str,
-                  log_path: Path, adapter_dir: Path) -> tuple[list[dict[str, Any]], StageMeter]:
+                  log_path: Path, adapter_dir: Path) -> tuple[list[dict[str, Any]], StageMeter, bool]:
         """One answer per prompt from the loaded adapter (saved in `adapter_dir`), as pairs.jsonl rows. Answers are
         appended to `log_path` batch by batch, so a killed run resumes generation at the first batch with an
         unanswered prompt. `generation.engine: vllm` samples with vLLM instead (vllm_engine.py)."""
@@ -492,7 +498,7 @@ class Run:
             log.append(indices, answers)
             crash_point(f"{label}.generate.batch", log.batches_written)
 
-        with StageMeter(self.runtime.device) as meter, inference_mode(self.model, self.runtime), \
+        with StageMeter(self.runtime.device) as meter, inference_mode(self.model, self.runtime) as merged, \
                 ui.stage_bar(f"{label} generate", len(encoded), "prompts") as advance:
             prompts = [e.prompt_ids for e in encoded]
             if g.engine == "vllm":
@@ -513,7 +519,7 @@ class Run:
                  "generated": self.tokenizer.decode(gen_ids, skip_special_tokens=True),
                  "prompt_ids": list(e.prompt_ids), "real_ids": list(e.answer_ids), "generated_ids": gen_ids}
                 for ex, e, gen_ids in zip(examples, encoded, generated)]
-        return rows, meter
+        return rows, meter, merged
 
     def _score(self, label: str, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], StageMeter]:
         """The loaded adapter's log-probs of each row's real and generated answer (the opponent cache)."""

@@ -94,7 +94,7 @@ def worker_frugal(args, packed: bool) -> dict:
 
     from frugal_spin.config import LoraSection, ModelConfig, TrainConfig
     from frugal_spin.generate import generate_answers
-    from frugal_spin.model import builtin_smollm2_dir, load_model, load_tokenizer, resolve_runtime
+    from frugal_spin.model import builtin_smollm2_dir, inference_mode, load_model, load_tokenizer, resolve_runtime
     from frugal_spin.scoring import score_responses
     from frugal_spin.train import spin_step_fn, train_adapter
 
@@ -110,9 +110,10 @@ def worker_frugal(args, packed: bool) -> dict:
     out["weights"] = runtime.base_weights
     examples, encoded = encoded_examples(tokenizer, args.n, args.max_prompt_tokens, args.max_new_tokens)
     prompts = [e.prompt_ids for e in encoded]
-    with Phase(out, "generate"):
+    with Phase(out, "generate"), inference_mode(model, runtime) as merged:  # as the pipeline samples
         generated = generate_answers(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                      batch_size=args.gen_batch, temperature=1.0, seed=0)
+    out["weights"] += "; sampling from the merged adapter" if merged else ""
     out["generate"]["tokens"] = sum(map(len, generated))
     real = [e.answer_ids for e in encoded]
     pad = tokenizer.pad_token_id

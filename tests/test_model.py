@@ -182,3 +182,66 @@ def test_auto_cpu_weights_follow_available_memory(tiny_dir, monkeypatch):
     runtime = resolve_runtime(cfg)
     base = load_base_model(str(tiny_dir), cfg, runtime)
     assert runtime.base_weights.startswith("nf4 packed (bitsandbytes") and model_module.linear_4bit_layers(base)
+
+
+def _weights_snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_generation_samples_from_a_merged_copy_and_restores_the_exact_weights(tiny_dir):
+    """On the CPU with dequantised weights, inference_mode folds the adapter into a copy of each base weight:
+    logits equal base + adapter to float rounding, greedy answers are the unmerged model's, and afterwards every
+    parameter is bitwise what it was (the original tensors, not an unmerge by subtraction) with the LoRA path
+    back on. Packed 4-bit layers are never merged."""
+    from frugal_spin.generate import generate_answers
+    from frugal_spin.model import inference_mode
+
+    cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
+    runtime = resolve_runtime(cfg)
+    model = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
+    model.eval()
+    before = _weights_snapshot(model)
+    x = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
+    prompts = [list(range(5, 12)), list(range(30, 34)), list(range(70, 80))]
+
+    class Tok:
+        pad_token_id = 0
+        eos_token_id = 1
+
+    with torch.no_grad():
+        want_logits = model(input_ids=x).logits
+    want_answers = generate_answers(model, Tok(), prompts, max_new_tokens=8, batch_size=2, temperature=0.0,
+                                    stop_ids=[1])
+    with inference_mode(model, runtime) as merged:
+        assert merged
+        layers = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+        assert layers and all(m.merged for m in layers)
+        with torch.no_grad():
+            got_logits = model(input_ids=x).logits
+        got_answers = generate_answers(model, Tok(), prompts, max_new_tokens=8, batch_size=2, temperature=0.0,
+                                       stop_ids=[1])
+    assert (want_logits - got_logits).abs().max().item() < 1e-5
+    with model.disable_adapter(), torch.no_grad():  # the adapter matters: the bare base answers otherwise
+        assert (model(input_ids=x).logits - want_logits).abs().max().item() > 1e-3
+    assert got_answers == want_answers
+    after = _weights_snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m.merged for m in layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, want_logits)
+
+    packed = _lora_model(tiny_dir)
+    with inference_mode(packed, resolve_runtime(ModelConfig(name=str(tiny_dir), device="cpu"))) as merged:
+        assert not merged
+
+
+def test_merge_for_generation_gives_way_to_low_memory(tiny_dir, monkeypatch):
+    import psutil
+
+    from frugal_spin.model import adapter_merged_for_generation
+
+    cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
+    model = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1024})())
+    with adapter_merged_for_generation(model, resolve_runtime(cfg)) as merged:
+        assert not merged
