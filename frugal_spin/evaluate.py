@@ -24,7 +24,7 @@ import torch
 from frugal_spin.data import Encoded
 from frugal_spin.generate import generate_answers
 from frugal_spin.losses import spin_loss
-from frugal_spin.scoring import score_responses
+from frugal_spin.scoring import score_pairs, score_responses
 
 
 def heldout_nll(model, examples: Sequence[Encoded], *, pad_id: int, batch_size: int, chunk_size: int,
@@ -39,10 +39,8 @@ def anchor_spin_metrics(model, prompts, real, generated, opponent_real: torch.Te
                         chunk_size: int, autocast=None) -> dict[str, float]:
     """Scored with the same batching and precision (`autocast`) as the cache, so the SFT model reproduces its own
     numbers bit for bit."""
-    player_real = score_responses(model, list(zip(prompts, real)), pad_id=pad_id, batch_size=batch_size,
-                                  chunk_size=chunk_size, autocast=autocast)
-    player_generated = score_responses(model, list(zip(prompts, generated)), pad_id=pad_id, batch_size=batch_size,
-                                       chunk_size=chunk_size, autocast=autocast)
+    player_real, player_generated = score_pairs(model, list(zip(prompts, real, generated)), pad_id=pad_id,
+                                                batch_size=batch_size, chunk_size=chunk_size, autocast=autocast)
     out = spin_loss(player_real, player_generated, opponent_real, opponent_generated, beta)  # always sigmoid
     return {"spin_loss": out.loss.item(), "reward_margin": out.margins.mean().item(),
             "reward_accuracy": out.accuracy.item(),

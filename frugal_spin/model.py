@@ -259,6 +259,8 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime, revision: str
         del model
         model = _from_pretrained(path, kwargs)
     disable_cpu_bf16_repack(model)
+    if runtime.device.type == "cpu":
+        release_checkpoint_mapping(model)  # before dequantising: the file's pages and the dense weights never coexist
     runtime.base_weights = _base_weights_label(cfg, runtime)
     if cfg.load_in_4bit and runtime.device.type == "cpu" and use_dequantized_cpu_weights(model, cfg):
         n = dequantize_4bit_layers(model)
@@ -275,6 +277,47 @@ def load_base_model(path: str, cfg: ModelConfig, runtime: Runtime, revision: str
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _mapped_checkpoint_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped .safetensors files (Linux /proc; elsewhere none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_checkpoint_mapping(model: torch.nn.Module) -> int:
+    """Copy the parameters and buffers that still point into the memory-mapped checkpoint (on the CPU transformers
+    loads tensors it does not convert, the tied embedding and the norms, as views of the file), so the mapping
+    closes. Otherwise every page of the file that loading touched (all of it: the linear weights were read to be
+    quantised) stays resident for the whole run: SmolLM2-135M held 0.40 GiB of file pages for 0.11 GiB of
+    tensors. When the views cover most of the file they are the weights themselves and are left alone.
+    Returns the bytes copied."""
+    ranges = _mapped_checkpoint_ranges()
+    if not ranges:
+        return 0
+    inside = lambda t: any(start <= t.data_ptr() < end for start, end in ranges)  # noqa: E731
+    views = [(module, name, tensor, is_param) for module in model.modules()
+             for is_param, items in ((True, module._parameters), (False, module._buffers))
+             for name, tensor in items.items() if tensor is not None and tensor.numel() and inside(tensor)]
+    held = sum(t.numel() * t.element_size() for _, _, t, _ in views)
+    if not views or held > sum(end - start for start, end in ranges) / 2:
+        return 0
+    with torch.no_grad():
+        for module, name, tensor, is_param in views:
+            if is_param:
+                tensor.data = tensor.data.clone()  # the same Parameter object: ties (embedding = head) survive
+            else:
+                module._buffers[name] = tensor.clone()
+    return held
 
 
 def _base_weights_label(cfg: ModelConfig, runtime: Runtime) -> str:
@@ -319,6 +362,9 @@ def dequantize_4bit_layers(model: torch.nn.Module) -> int:
         dense.weight = torch.nn.Parameter(weight.to(layer.compute_dtype or weight.dtype), requires_grad=False)
         if layer.bias is not None:
             dense.bias = torch.nn.Parameter(layer.bias.data.to(dense.weight.dtype), requires_grad=False)
+        # The packed NF4 data (1/8 of the dense bytes) stays beside it: dequantising it again gives these exact
+        # values, which lets generation merge the adapter in place and restore the weight bit for bit.
+        dense.nf4_source = (layer.weight.data, layer.weight.quant_state)
         setattr(parent, name, dense)
     if layers:
         # Nothing is quantized any more: transformers and peft must treat it as a plain model.
@@ -395,8 +441,8 @@ def mergeable_lora_layers(model, runtime: Runtime) -> list:
 
     Only on the CPU, and only when every base layer is a plain float `nn.Linear` (the dequantised NF4 weights or
     an unquantised base): a bitsandbytes 4-bit layer cannot take a merge without requantising (the weights would
-    change), and a GPU run keeps the 4-bit layers. The merged copies must fit a quarter of the RAM available now
-    (SmolLM2-135M: 0.39 GiB for the 210 linear layers)."""
+    change), and a GPU run keeps the 4-bit layers. Unquantised bases are merged into copies, which must fit a
+    quarter of the RAM available now; dequantised NF4 ones are merged in place (no copy)."""
     if runtime.device.type != "cpu" or runtime.backend != "transformers":
         return []
     from peft.tuners.lora import LoraLayer
@@ -414,7 +460,7 @@ def mergeable_lora_layers(model, runtime: Runtime) -> list:
     import psutil
 
     needed = sum(layer.get_base_layer().weight.numel() * layer.get_base_layer().weight.element_size()
-                 for layer in layers)
+                 for layer in layers if getattr(layer.get_base_layer(), "nf4_source", None) is None)
     world = current_world()  # every rank must sample from the same weights
     return layers if world.agree(needed < psutil.virtual_memory().available / (4 * world.local_size)) else []
 
@@ -423,26 +469,38 @@ def mergeable_lora_layers(model, runtime: Runtime) -> list:
 def adapter_merged_for_generation(model, runtime: Runtime) -> Iterator[bool]:
     """Sample from W + (alpha/r) B A in one matmul per layer instead of W x plus the adapter's two small matmuls
     and peft's per-layer Python: on the CPU, decoding is dominated by that overhead (SmolLM2-135M, 210 adapted
-    layers). Each merged weight is a new tensor; the original is put back untouched afterwards (not unmerged by
-    subtraction, which would round), so training and scoring always run on exactly the loaded weights and only
-    the sampling sees the merged copy, which agrees with base + adapter to float rounding (~1e-7 relative).
-    Yields whether it merged (see `mergeable_lora_layers`)."""
+    layers). The weights are never unmerged by subtraction, which would round: dequantised NF4 weights are
+    merged in place and rewritten afterwards from their packed data (the same dequantisation, so the same bits:
+    no extra memory); other plain weights are merged into a new tensor and the original put back. Training and
+    scoring so always run on exactly the loaded weights and only the sampling sees the merged ones, which agree
+    with base + adapter to float rounding (~1e-7 relative). Yields whether it merged (`mergeable_lora_layers`)."""
     layers = mergeable_lora_layers(model, runtime)
     saved = []
     try:
         with torch.no_grad():
             for layer in layers:
                 base, name = layer.get_base_layer(), layer.active_adapters[0]
-                original = base.weight
-                merged = original.detach() + layer.get_delta_weight(name).to(original.dtype)
-                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                delta = layer.get_delta_weight(name).to(base.weight.dtype)
+                if getattr(base, "nf4_source", None) is not None:
+                    original = None  # dequantised NF4: merged in place, restored by dequantising the packed data
+                    base.weight.data.add_(delta)
+                else:
+                    original = base.weight
+                    base.weight = torch.nn.Parameter(original.detach() + delta, requires_grad=False)
                 layer.merged_adapters.append(name)  # peft then calls the base layer alone
                 saved.append((layer, base, original, name))
         yield bool(saved)
     finally:
-        for layer, base, original, name in saved:
-            base.weight = original
-            layer.merged_adapters.remove(name)
+        with torch.no_grad():
+            for layer, base, original, name in saved:
+                if original is None:
+                    import bitsandbytes.functional as bnbf
+
+                    packed, state = base.nf4_source
+                    base.weight.data.copy_(bnbf.dequantize_4bit(packed, state).to(base.weight.dtype))
+                else:
+                    base.weight = original
+                layer.merged_adapters.remove(name)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ from frugal_spin.preflight import Checked, preflight
 from frugal_spin.profiler import StageMeter
 from frugal_spin.rundir import check_output_dir, open_run_dir
 from frugal_spin.report import render_report
-from frugal_spin.scoring import score_responses
+from frugal_spin.scoring import score_pairs
+from frugal_spin.shared_prompt import pair_tokens, shares_prompt
 from frugal_spin.stages import StageStore, file_digest, fingerprint
 from frugal_spin.threads import apply_threads
 from frugal_spin.turns import end_of_turn_id, scored_pair, stop_token_ids, truncation_counts
@@ -262,7 +263,7 @@ class Run:
             write_jsonl(pairs_path, rows)
             write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                            "pairs_sha256": file_digest(pairs_path)["sha256"]})
-            tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + 2 * len(x["generated_ids"]) for x in rows)
+            tokens = self._scored_tokens(rows) + sum(len(x["generated_ids"]) for x in rows)
             self.store.complete("anchor", fp, "generate", {**self._weights(merged),  # tokens: generated, then scored
                 "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
                 "mean_answer_tokens": sum(len(x["generated_ids"]) for x in rows) / max(1, len(rows)),
@@ -289,7 +290,7 @@ class Run:
             tokens = sum(len(e.prompt_ids) + len(e.answer_ids) for e in self.heldout)
             advance()
             anchor = read_jsonl(self.run_dir / "eval" / "anchor_pairs.jsonl")
-            tokens += sum(2 * len(a["prompt_ids"]) + len(a["real_ids"]) + len(a["generated_ids"]) for a in anchor)
+            tokens += self._scored_tokens(anchor)
             anchor_logps = read_safetensors(self.run_dir / "eval" / "anchor_logps.safetensors")
             real, generated = self._scored(anchor)
             metrics.update(anchor_spin_metrics(
@@ -364,7 +365,7 @@ class Run:
         real, generated = self._scored(rows)  # exactly the responses the cache was scored on
         step = spin_step_fn(self.model, [x["prompt_ids"] for x in rows], real, generated, cache["real"],
                             cache["generated"], beta, self.pad_id, self.chunk, self.runtime.device, loss=r.spin.loss)
-        lengths = [len(x["prompt_ids"]) + max(len(a), len(b)) for x, a, b in zip(rows, real, generated)]
+        lengths = [len(x["prompt_ids"]) + len(a) + len(b) for x, a, b in zip(rows, real, generated)]
         with StageMeter(self.runtime.device) as meter:
             result, used = self._train(f"iter_{t}.train", r.spin, "spin", train_fp, lengths, step,
                                        r.seed + 1000 * (t + 1), it_dir)
@@ -475,7 +476,7 @@ class Run:
         def finish() -> None:
             write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                            "pairs_sha256": file_digest(pairs_path)["sha256"]})
-            tokens = sum(2 * len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows)
+            tokens = self._scored_tokens(rows)
             self.store.complete(stage, fp, "score", {**self._weights(),
                 "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
                 "opponent_real_logp_mean": logps["real"].mean().item(),
@@ -529,14 +530,18 @@ class Run:
         with StageMeter(self.runtime.device) as meter, \
                 ui.stage_bar(f"{label} score", 2 * len(rows), "sequences") as advance:
             # Under the training loop's autocast: the cache must be what the player computes at step 0.
-            real = score_responses(self.model, [(x["prompt_ids"], ids) for x, ids in zip(rows, real_ids)],
-                                   pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
-                                   on_batch=advance, autocast=self.runtime.autocast)
-            generated = score_responses(self.model, [(x["prompt_ids"], ids) for x, ids in zip(rows, generated_ids)],
-                                        pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
-                                        on_batch=advance, autocast=self.runtime.autocast)
+            real, generated = score_pairs(self.model, [(x["prompt_ids"], r, g) for x, r, g in
+                                                       zip(rows, real_ids, generated_ids)],
+                                          pad_id=self.pad_id, batch_size=batch_size, chunk_size=self.chunk,
+                                          on_batch=advance, autocast=self.runtime.autocast)
         crash_point(f"{label}.score")
         return {"real": real, "generated": generated}, meter
+
+    def _scored_tokens(self, rows: list[dict[str, Any]]) -> int:
+        """Tokens the scoring forwards of these pairs run over: the prompt once per pair where it is shared."""
+        longest = max((len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows), default=0)
+        return pair_tokens([(x["prompt_ids"], x["real_ids"], x["generated_ids"]) for x in rows],
+                           shares_prompt(self.model, longest))
 
     def _scored(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
         """The real and generated response ids each pair is scored on, by the cache, the player and evaluation

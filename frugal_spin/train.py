@@ -37,6 +37,7 @@ from frugal_spin.faults import crash_point
 from frugal_spin.logprobs import sequence_logprobs
 from frugal_spin.losses import sft_loss, spin_loss
 from frugal_spin.model import Runtime, trainable_parameters
+from frugal_spin.shared_prompt import pair_logprobs, pair_tokens, shares_prompt
 
 
 @dataclass
@@ -400,27 +401,24 @@ def spin_step_fn(
     device,
     loss: str = "sigmoid",
 ) -> StepFn:
-    """Player log-probs of the real and generated answers in one forward (2B sequences), against the cached
+    """Player log-probs of the real and generated answers in one forward, against the cached
     opponent log-probs: no opponent forward pass, no reference model in memory. `loss` names the member of the
     SPIN loss family (`losses.SPIN_LOSSES`, the recipe's `spin.loss`).
 
-    The prompt is not shared between the two answers: sharing it would need a custom attention mask (two answer
-    branches over one prompt prefix) that SDPA/FlashAttention paths do not take from transformers models, and the
-    prompts of SPIN data are short next to the answers, so the saving would be small.
+    On the CPU the two answers share one copy of the prompt (`shared_prompt.py`: x+y+y' with a mask that keeps y'
+    from seeing y), as the opponent's scoring does; elsewhere they are 2B sequences x+y and x+y'.
     """
 
     def step(batch: list[int]) -> StepOutput:
-        sequences = [(prompts[i], real[i]) for i in batch] + [(prompts[i], generated[i]) for i in batch]
-        seqs = collate_sequences(sequences, pad_id).to(device)
-        logps = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask,
-                                  chunk_size=chunk_size)
-        n = len(batch)
-        out = spin_loss(logps[:n], logps[n:], opponent_real[batch].to(device), opponent_generated[batch].to(device),
-                        beta, loss)
+        triples = [(prompts[i], real[i], generated[i]) for i in batch]
+        player_real, player_generated = pair_logprobs(model, triples, pad_id, chunk_size)
+        shared = shares_prompt(model, max(len(x) + len(y) + len(g) for x, y, g in triples))
+        out = spin_loss(player_real, player_generated, opponent_real[batch].to(device),
+                        opponent_generated[batch].to(device), beta, loss)
         metrics = {"reward_margin": out.margins.mean().item(), "reward_accuracy": out.accuracy.item(),
                    "real_reward": out.real_rewards.mean().item(),
                    "generated_reward": out.generated_rewards.mean().item()}
-        return StepOutput(out.loss, int(seqs.attention_mask.sum()), metrics, weight=float(n))
+        return StepOutput(out.loss, pair_tokens(triples, shared), metrics, weight=float(len(batch)))
 
     # The SPIN loss is a mean over pairs: a micro-batch weighs its pairs in the window, whatever their lengths.
     step.weight_of = len

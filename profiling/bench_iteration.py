@@ -9,7 +9,9 @@ are cut to `--max-prompt-tokens`, real answers to `--max-new-tokens`.
 
 Tools (each in its own fresh process):
 - `frugal_spin`: the package's own stages as a run uses them (`load_model` with NF4 and `cpu_4bit_weights=auto`,
-  `generate_answers`, `score_responses`, `train_adapter` + `spin_step_fn`, the recipe's gradient checkpointing);
+  `inference_mode` + `generate_answers` (on the CPU: sampling from the merged adapter), `score_pairs` and
+  `train_adapter` + `spin_step_fn` (on the CPU: one copy of the prompt per pair, `shared_prompt.py`), the
+  recipe's gradient checkpointing);
 - `frugal_spin_packed`: the same with bitsandbytes' packed 4-bit layers (`cpu_4bit_weights=packed`), what the
   package did before;
 - `trl`: plain transformers (fp32 model, `generate` with the same sampling, left padding, prompts in data
@@ -95,7 +97,8 @@ def worker_frugal(args, packed: bool) -> dict:
     from frugal_spin.config import LoraSection, ModelConfig, TrainConfig
     from frugal_spin.generate import generate_answers
     from frugal_spin.model import builtin_smollm2_dir, inference_mode, load_model, load_tokenizer, resolve_runtime
-    from frugal_spin.scoring import score_responses
+    from frugal_spin.scoring import score_pairs
+    from frugal_spin.shared_prompt import shares_prompt
     from frugal_spin.train import spin_step_fn, train_adapter
 
     out: dict = {}
@@ -117,19 +120,19 @@ def worker_frugal(args, packed: bool) -> dict:
     out["generate"]["tokens"] = sum(map(len, generated))
     real = [e.answer_ids for e in encoded]
     pad = tokenizer.pad_token_id
+    triples = list(zip(prompts, real, generated))
     with Phase(out, "score"):
-        cache_real = score_responses(model, list(zip(prompts, real)), pad_id=pad, batch_size=args.gen_batch,
-                                     chunk_size=256)
-        cache_gen = score_responses(model, list(zip(prompts, generated)), pad_id=pad, batch_size=args.gen_batch,
-                                    chunk_size=256)
-    out["score"]["tokens"] = sum(2 * len(p) + len(r) + len(g) for p, r, g in zip(prompts, real, generated))
+        cache_real, cache_gen = score_pairs(model, triples, pad_id=pad, batch_size=args.gen_batch, chunk_size=256)
+    # Tokens of the pairs as two sequences each, whatever the layout: the same work counted for every tool.
+    out["score"]["tokens"] = sum(2 * len(p) + len(r) + len(g) for p, r, g in triples)
+    out["shared_prompt"] = shares_prompt(model)
     step = spin_step_fn(model, prompts, real, generated, cache_real, cache_gen, 0.1, pad, 256, runtime.device)
-    lengths = [len(p) + max(len(r), len(g)) for p, r, g in zip(prompts, real, generated)]
+    lengths = [len(p) + len(r) + len(g) for p, r, g in triples]
     train_cfg = TrainConfig(epochs=1.0, learning_rate=5e-5, micro_batch_size=args.micro_batch, grad_accum_steps=1,
                             lr_scheduler="constant", warmup_ratio=0.0, checkpoint_every_steps=0)
     with Phase(out, "train"):
         result = train_adapter(model, runtime, train_cfg, lengths, step, seed=0)
-    out["train"]["tokens"] = result.tokens
+    out["train"]["tokens"] = out["score"]["tokens"]  # counted as two sequences per pair, as for TRL
     out["first_loss"], out["last_loss"] = result.losses[0], result.losses[-1]
     return out
 

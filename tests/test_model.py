@@ -188,17 +188,34 @@ def _weights_snapshot(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_generation_samples_from_a_merged_copy_and_restores_the_exact_weights(tiny_dir):
-    """On the CPU with dequantised weights, inference_mode folds the adapter into a copy of each base weight:
-    logits equal base + adapter to float rounding, greedy answers are the unmerged model's, and afterwards every
-    parameter is bitwise what it was (the original tensors, not an unmerge by subtraction) with the LoRA path
-    back on. Packed 4-bit layers are never merged."""
+def _plain_lora_model(path: Path):
+    """The tiny model unquantised (load_in_4bit false), with the same kind of adapter as `_lora_model`."""
+    cfg = ModelConfig(name=str(path), device="cpu", load_in_4bit=False)
+    model = load_base_model(str(path), cfg, resolve_runtime(cfg))
+    torch.manual_seed(1)
+    model = attach_lora(model, LoraSection(r=8))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model, cfg
+
+
+@pytest.mark.parametrize("weights", ["dequantized nf4", "unquantized"])
+def test_generation_samples_from_merged_weights_and_restores_the_exact_ones(tiny_dir, weights):
+    """On the CPU, inference_mode folds the adapter into the plain base weights (in place for dequantised NF4,
+    into copies for an unquantised base): logits equal base + adapter to float rounding, greedy answers are the
+    unmerged model's, and afterwards every parameter is bitwise what it was (rewritten from the packed NF4 data
+    or the original tensor put back, never unmerged by subtraction) with the LoRA path back on. Packed 4-bit
+    layers are never merged."""
     from frugal_spin.generate import generate_answers
     from frugal_spin.model import inference_mode
 
-    cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
+    if weights == "unquantized":
+        model, cfg = _plain_lora_model(tiny_dir)
+    else:
+        cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
+        model = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
     runtime = resolve_runtime(cfg)
-    model = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
     model.eval()
     before = _weights_snapshot(model)
     x = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
@@ -230,18 +247,45 @@ def test_generation_samples_from_a_merged_copy_and_restores_the_exact_weights(ti
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, want_logits)
 
-    packed = _lora_model(tiny_dir)
-    with inference_mode(packed, resolve_runtime(ModelConfig(name=str(tiny_dir), device="cpu"))) as merged:
+
+def test_packed_4bit_layers_are_never_merged(tiny_dir):
+    from frugal_spin.model import inference_mode
+
+    with inference_mode(_lora_model(tiny_dir), resolve_runtime(ModelConfig(name=str(tiny_dir), device="cpu"))) \
+            as merged:
         assert not merged
 
 
-def test_merge_for_generation_gives_way_to_low_memory(tiny_dir, monkeypatch):
+def test_merging_into_copies_gives_way_to_low_memory(tiny_dir, monkeypatch):
+    """An unquantised base needs a copy of its weights to merge into; dequantised NF4 merges in place."""
     import psutil
 
     from frugal_spin.model import adapter_merged_for_generation
 
-    cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
-    model = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
+    plain, plain_cfg = _plain_lora_model(tiny_dir)
+    nf4_cfg = ModelConfig(name=str(tiny_dir), device="cpu", cpu_4bit_weights="dequantized")
+    nf4 = _lora_model(tiny_dir, cpu_4bit_weights="dequantized")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 1024})())
-    with adapter_merged_for_generation(model, resolve_runtime(cfg)) as merged:
+    with adapter_merged_for_generation(plain, resolve_runtime(plain_cfg)) as merged:
         assert not merged
+    with adapter_merged_for_generation(nf4, resolve_runtime(nf4_cfg)) as merged:
+        assert merged
+
+
+def test_the_checkpoint_file_is_not_kept_mapped(tiny_dir):
+    """After loading on the CPU no parameter points into the memory-mapped safetensors file, so its pages are
+    not resident for the whole run; the tied embedding and head stay one tensor."""
+    from frugal_spin.model import _mapped_checkpoint_ranges
+
+    tied_dir = tiny_dir.parent / "tied"
+    if not tied_dir.exists():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=True)
+        LlamaForCausalLM(config).save_pretrained(tied_dir)
+    cfg = ModelConfig(name=str(tied_dir), device="cpu")
+    model = load_base_model(str(tied_dir), cfg, resolve_runtime(cfg))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ranges = _mapped_checkpoint_ranges()
+    assert not [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in ranges)]

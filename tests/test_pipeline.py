@@ -29,17 +29,17 @@ def run_dir(tmp_path_factory, small_base_cache):
         SEEN["generated_from"].append([list(p) for p in prompts])
         return generate(model, tokenizer, prompts, **kwargs)
 
-    def score_spy(model, pairs, **kwargs):
-        SEEN["scored"].append([(list(p), list(y)) for p, y in pairs])
-        return score(model, pairs, **kwargs)
+    def score_spy(model, triples, **kwargs):
+        SEEN["scored"].append([(list(p), list(y), list(g)) for p, y, g in triples])
+        return score(model, triples, **kwargs)
 
-    generate, score = pipeline.generate_answers, pipeline.score_responses
+    generate, score = pipeline.generate_answers, pipeline.score_pairs
     root = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
         mp.setattr(pipeline, "generate_answers", generate_spy)
-        mp.setattr(pipeline, "score_responses", score_spy)
+        mp.setattr(pipeline, "score_pairs", score_spy)
         assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={root / 'run'}", *OVERRIDES]) == 0
     return root / "run"
 
@@ -55,17 +55,16 @@ def _scored(run_dir: Path, row: dict) -> tuple[list[int], list[int]]:
 def test_the_ids_scored_are_the_ids_generated_from_and_those_saved(run_dir):
     """One chat format everywhere: per iteration, generation starts from exactly the prompt ids that scoring
     conditions on (for the real and the generated answer) and that pairs.jsonl records. Calls in order: anchor,
-    then each iteration (generation, real scoring, generated scoring). A pair in which only one answer ends
+    then each iteration (generation, scoring of the pairs). A pair in which only one answer ends
     (the other was cut at its length limit) is scored without that end token."""
     import sys
 
     for t in range(2):
         rows = read_jsonl(run_dir / f"iter_{t}" / "pairs.jsonl")
         prompts = SEEN["generated_from"][1 + t]
-        real, generated = SEEN["scored"][2 * (1 + t)], SEEN["scored"][2 * (1 + t) + 1]
+        scored = SEEN["scored"][1 + t]
         assert prompts == [r["prompt_ids"] for r in rows]
-        assert real == [(r["prompt_ids"], _scored(run_dir, r)[0]) for r in rows]
-        assert generated == [(r["prompt_ids"], _scored(run_dir, r)[1]) for r in rows]
+        assert scored == [(r["prompt_ids"], *_scored(run_dir, r)) for r in rows]
         left_out = sum(_scored(run_dir, r) != (r["real_ids"], r["generated_ids"]) for r in rows)
         record = json.loads((run_dir / "stages" / f"iter_{t}.generate.json").read_text())["metrics"]
         assert record["pairs_end_token_left_out"] == left_out > 0  # 16 new tokens cut many generated answers
