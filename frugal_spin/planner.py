@@ -48,14 +48,15 @@ fp16/bf16, 4 for fp32):
   the dequantised weight of the largest linear layer (bitsandbytes dequantises one layer at a time) and two
   gradient buffers of the MLP width, 2 I b per token (the layer's saved tensors are freed as its backward runs,
   so little more coexists; measured); with gradient checkpointing also that layer's recomputed activations.
-- Training sequences: SFT max_prompt_tokens + max_answer_tokens; SPIN two sequences per pair, prompt +
-  max(max_answer_tokens, generation.max_new_tokens). Response tokens = answer tokens of every sequence.
+- Training sequences: SFT max_prompt_tokens + max_answer_tokens; SPIN on CUDA two sequences per pair, prompt +
+  max(max_answer_tokens, generation.max_new_tokens), on the CPU one per pair, prompt + 2 such answers (the
+  prompt is shared, `shared_prompt.py`). Response tokens = answer tokens of every sequence.
 - Generation: KV cache 2 * layers * kv_heads * head_dim * (prompt + new tokens) * batch * b, plus at the peak
   either the prefill (per prompt token (2H + 3I) b, the mask, the last position's logits) or a decode step
   (logits in b, their fp32 copy, warped scores and probabilities: batch * V * (b + 12), + 20 bytes per entry for
   top-p's sort) plus the DynamicCache's concatenation copy of one layer.
 - Scoring (no grad): per token (2H + 3I) b of layer transients, b H of final hidden, the gathered rows and one
-  chunk buffer; batches of generation.batch_size sequences of prompt + max(answer, new tokens).
+  chunk buffer; batches of generation.batch_size sequences (pairs on the CPU) laid out as in SPIN training.
 - Eval: the largest of scoring held-out answers (eval.batch_size), scoring the anchor pairs
   (generation.batch_size) and greedy generation (eval.batch_size, eval.max_new_tokens).
 - CUDA: the compute dtype is bf16, or fp16 on a T4 (no bf16), both 2 bytes; gradient checkpointing `auto` is on;
@@ -294,11 +295,13 @@ def weight_bytes(shape: ModelShape, recipe: Recipe, target: Target) -> int:
 
     On the CPU, `model.cpu_4bit_weights` dequantises the NF4 linears once into the compute dtype (`dequantized`,
     and `auto` whenever they fit a quarter of free RAM, which is every model this planner's CPU mode is meant for),
-    so only `packed` keeps them at NF4 size there."""
+    so only `packed` keeps them at NF4 size there; the dequantised ones keep their packed NF4 data beside them
+    (generation restores its in-place merge from it, `model.adapter_merged_for_generation`)."""
     compute_bytes = target.compute_bytes
     linear = shape.decoder_linear_params()
     packed = recipe.model.load_in_4bit and (target.device == "cuda" or recipe.model.cpu_4bit_weights == "packed")
-    linear_bytes = linear * NF4_BYTES_PER_PARAM if packed else linear * compute_bytes
+    linear_bytes = linear * NF4_BYTES_PER_PARAM if packed else linear * compute_bytes \
+        + (linear * NF4_BYTES_PER_PARAM if recipe.model.load_in_4bit else 0)
     embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
     biases = shape.num_layers * (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
@@ -428,18 +431,22 @@ def stage_estimates(recipe: Recipe, shape: ModelShape, target: Target) -> list[S
     spin_answer = max(answer, g.max_new_tokens)
     sft = _train_stage("sft_train", shape, recipe, target, recipe.sft.micro_batch_size, prompt + answer,
                        recipe.sft.micro_batch_size * answer)
-    spin = _train_stage("spin_train", shape, recipe, target, 2 * recipe.spin.micro_batch_size,
-                        prompt + spin_answer, 2 * recipe.spin.micro_batch_size * spin_answer)
+    # A pair is one sequence x+y+y' on the CPU (shared_prompt.shares_prompt), two sequences x+y, x+y' on CUDA.
+    shared = target.device == "cpu"
+    pair_seqs, pair_len, pair_answers = (1, prompt + 2 * spin_answer, 2 * spin_answer) if shared \
+        else (2, prompt + spin_answer, spin_answer)
+    spin = _train_stage("spin_train", shape, recipe, target, pair_seqs * recipe.spin.micro_batch_size, pair_len,
+                        2 * recipe.spin.micro_batch_size * spin_answer)
     gen = _inference_stage("generate", shape, recipe, target,
                            *_generate_parts(shape, recipe, b, g.batch_size, prompt, g.max_new_tokens, g.top_p,
                                             g.temperature == 0),
                            notes=f"{g.batch_size} prompts x ({prompt} + {g.max_new_tokens} new)")
-    score_act, score_logits = _score_parts(shape, recipe, b, g.batch_size, prompt + spin_answer, spin_answer)
+    score_act, score_logits = _score_parts(shape, recipe, b, g.batch_size, pair_len, pair_answers)
     score = _inference_stage("score", shape, recipe, target, score_act, score_logits, 0,
-                             notes=f"{g.batch_size} x {prompt + spin_answer} tokens")
+                             notes=f"{g.batch_size} x {pair_len} tokens")
     candidates = [
         _score_parts(shape, recipe, b, e.batch_size, prompt + answer, answer) + (0,),
-        _score_parts(shape, recipe, b, g.batch_size, prompt + spin_answer, spin_answer) + (0,),
+        _score_parts(shape, recipe, b, g.batch_size, pair_len, pair_answers) + (0,),
         _generate_parts(shape, recipe, b, e.batch_size, prompt, e.max_new_tokens, 1.0, greedy=True),
     ]
     evaluation = _inference_stage("eval", shape, recipe, target, *max(candidates, key=sum),

@@ -97,9 +97,16 @@ def tensor_bytes(model) -> int:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
 
-    for t in list(model.parameters()) + list(model.buffers()):
+    # Dequantised NF4 layers keep their packed data and its state beside the dense weight (`nf4_source`).
+    sources = [m.nf4_source for m in model.modules() if getattr(m, "nf4_source", None) is not None]
+    for t in list(model.parameters()) + list(model.buffers()) + [packed for packed, _ in sources]:
         add(t)
         state = getattr(t, "quant_state", None)
+        while state is not None:
+            for attr in ("absmax", "code", "offset"):
+                add(getattr(state, attr, None))
+            state = getattr(state, "state2", None)
+    for _, state in sources:
         while state is not None:
             for attr in ("absmax", "code", "offset"):
                 add(getattr(state, attr, None))
