@@ -432,7 +432,7 @@ def inference_mode(model, runtime: Runtime) -> Iterator[bool]:
         for_training(model, runtime)
 
 
-GENERATION_MERGED = "adapter merged into a temporary copy of the base weights (sampling only; restored exactly after)"
+GENERATION_MERGED = "LoRA adapter merged for sampling (the loaded weights restored bit for bit after)"
 GENERATION_UNMERGED = "LoRA adapter (unmerged)"
 
 
@@ -500,7 +500,8 @@ def adapter_merged_for_generation(model, runtime: Runtime) -> Iterator[bool]:
                     base.weight.data.copy_(bnbf.dequantize_4bit(packed, state).to(base.weight.dtype))
                 else:
                     base.weight = original
-                layer.merged_adapters.remove(name)
+                if name in layer.merged_adapters:  # peft's own unmerge (disable_adapter inside) removes it first
+                    layer.merged_adapters.remove(name)
 
 
 @contextlib.contextmanager

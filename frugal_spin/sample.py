@@ -82,7 +82,8 @@ def sample_answers(run_dir: str | Path, prompts: list[str], stages: str | None =
     for name in names:
         if name != "base":
             load_adapter_weights(model, run_dir / name / "adapter")
-        with inference_mode(model, runtime), (model.disable_adapter() if name == "base" else contextlib.nullcontext()):
+        # The adapter is switched off before inference_mode looks at it: a disabled adapter is never merged.
+        with (model.disable_adapter() if name == "base" else contextlib.nullcontext()), inference_mode(model, runtime):
             ids = generate_answers(model, tokenizer, encoded, max_new_tokens=max_new_tokens,
                                    batch_size=recipe.eval.batch_size, temperature=temperature, top_p=top_p, seed=seed)
         answers[name] = [tokenizer.decode(a, skip_special_tokens=True) for a in ids]

@@ -326,7 +326,7 @@ def main(argv=None) -> None:
                   f"micro-batch {args.micro_batch}; weights {r['weights']}; "
                   + "; ".join(f"{p} {r[p]['wall_s']:.1f}s wall {r[p]['cpu_s']:.1f}s cpu"
                               for p in ("generate", "score", "train") if p in r)
-                  + f"; load 1/5/15 {r['load_start']} -> {r['load_end']} (machine shared with other sessions)")}
+                  + f"; load 1/5/15 {r['load_start']} -> {r['load_end']}")}
         for r in results])
 
 
