@@ -26,31 +26,47 @@ SPINNER = "while True: pass"
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
-def one_run(threads: str, busy: bool, overrides: list[str], root: Path) -> dict:
+def one_run(threads: str, busy: bool, overrides: list[str], root: Path, timeout_s: float | None = None) -> dict:
     out = root / f"threads_{threads}_{'busy' if busy else 'quiet'}_{time.time_ns()}"
     load_before = os.getloadavg()[0]
     competitor = subprocess.Popen([sys.executable, "-c", SPINNER]) if busy else None
     try:
         started = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        subprocess.run([sys.executable, "-m", "frugal_spin", str(REPO / "recipes" / "cpu_tiny.yaml"),
-                        f"output_dir={out}", f"model.threads={threads}", *overrides],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            subprocess.run([sys.executable, "-m", "frugal_spin", str(REPO / "recipes" / "cpu_tiny.yaml"),
+                            f"output_dir={out}", f"model.threads={threads}", *overrides],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            # Stopped: what it finished is still in metrics.jsonl; the wall time is a lower bound.
+            return {"threads": threads, "load": "busy" if busy else "quiet", "wall_s": f"> {timeout_s:.0f}",
+                    "stopped": True, "load_avg_before": round(load_before, 2), "exact_match": None,
+                    "heldout_nll": None, "torch_threads": None, "stages_s": _stage_seconds(out)}
         wall = time.perf_counter() - started
     finally:
         if competitor is not None:
             competitor.kill()
             competitor.wait()
     records = {r["stage"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    stages_s = _stage_seconds(out)
     evals = {name: r["metrics"] for name, r in records.items() if name.endswith(".eval")}
     last_eval = list(evals.values())[-1]
     return {"threads": threads, "load": "busy" if busy else "quiet", "wall_s": round(wall, 1),
             "torch_threads": records["setup"]["metrics"].get("torch_threads"),
-            "load_avg_before": round(load_before, 2), "exact_match": last_eval.get("exact_match"),
+            "load_avg_before": round(load_before, 2), "exact_match": last_eval.get("exact_match"), "stages_s": stages_s,
             "heldout_nll": round(last_eval["heldout_nll"], 4), "env": {k: os.environ[k] for k in KERNEL_ENV
                                                                         if k in os.environ},
             "evals": {name: {k: round(m[k], 4) for k in ("heldout_nll", "spin_loss", "reward_accuracy",
                                                          "exact_match") if k in m} for name, m in evals.items()}}
+
+
+def _stage_seconds(out: Path) -> dict[str, float]:
+    """Wall seconds of every finished stage, from the run's metrics.jsonl (empty if none finished)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    return {r["stage"]: round(r.get("wall_time_s", 0.0), 1) for r in map(json.loads, path.read_text().splitlines())}
 
 
 def main() -> None:
@@ -58,6 +74,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--loads", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
+    parser.add_argument("--timeout", type=float, default=None, help="stop a run after this many seconds")
     parser.add_argument("overrides", nargs="*", help="recipe overrides passed to every run")
     args = parser.parse_args()
     rows = []
@@ -65,7 +82,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for load in args.loads:
                 for threads in args.threads:
-                    row = one_run(threads, load == "busy", args.overrides, Path(tmp))
+                    row = one_run(threads, load == "busy", args.overrides, Path(tmp), args.timeout)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     header = "| threads | load | wall s | torch threads | load avg before | exact match | held-out NLL |"
