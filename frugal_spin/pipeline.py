@@ -139,7 +139,7 @@ class Run:
         """Which weights a stage ran on, for its record: the base as loaded (runtime.base_weights) plus the LoRA
         adapter, unmerged. Training, scoring and evaluation's log-probs share the one model, so the cached
         log-probs are exactly those of the weights the player trains against. A stage that samples also says
-        whether it sampled from a merged copy (`model.adapter_merged_for_generation`, the CPU's fast path)."""
+        whether it sampled from merged weights (`model.adapter_merged_for_generation`, the CPU's fast path)."""
         out = {"weights": f"{self.runtime.base_weights} + {GENERATION_UNMERGED}"}
         if sampling_merged is not None:
             out["generation_weights"] = (f"{self.runtime.base_weights} + "
@@ -254,9 +254,9 @@ class Run:
         if self.store.completed("anchor", fp):
             return fp
         load_adapter_weights(self.model, self.run_dir / "sft" / "adapter")
-        rows, gen, merged = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919, fp=fp,
-                                   log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl",
-                                   adapter_dir=self.run_dir / "sft" / "adapter")
+        rows, gen, merged = self._generate("anchor", self.heldout, self.heldout_examples, seed=r.seed + 7919,
+                                           fp=fp, log_path=self.run_dir / "eval" / "anchor_answers.partial.jsonl",
+                                           adapter_dir=self.run_dir / "sft" / "adapter")
         logps, score = self._score("anchor", rows)
 
         def finish() -> None:
@@ -324,8 +324,8 @@ class Run:
                                   list(zip(self.heldout_examples, self.heldout_answers, texts))[:n_samples]] \
                 if n_samples else []
             advance()
-        self.world.write(self.store.complete, name, fp, "eval", {**self._weights(sampling_merged), **metrics, "tokens": tokens,
-                                                                 "tokens_per_s": tokens / meter.wall_s,
+        self.world.write(self.store.complete, name, fp, "eval", {**self._weights(sampling_merged), **metrics,
+                                                                 "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
                                                                  **meter.memory}, meter.wall_s)
         self.live.evaluation(metrics, self._steps_done())
 
@@ -441,9 +441,9 @@ class Run:
         log_path = pairs_path.with_name("answers.partial.jsonl")
         k = self.recipe.generation.answers_per_prompt  # k answers per prompt = k pairs, one after another
         rows, gen, merged = self._generate(f"iter_{t}", [e for e in self.train for _ in range(k)],
-                                   [e for e in self.train_examples for _ in range(k)],
-                                   seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path,
-                                   adapter_dir=opponent_dir)
+                                           [e for e in self.train_examples for _ in range(k)],
+                                           seed=self.recipe.seed + 1000 * (t + 1), fp=gen_fp, log_path=log_path,
+                                           adapter_dir=opponent_dir)
 
         def finish() -> None:
             write_jsonl(pairs_path, rows)

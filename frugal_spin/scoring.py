@@ -70,7 +70,6 @@ def score_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(real [N], generated [N]) summed log-probs of each (prompt, real, generated) triple's two answers, in
     batches of `batch_size` pairs sorted by length; `on_batch` counts sequences (2 per pair)."""
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     world = current_world()
