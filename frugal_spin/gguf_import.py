@@ -84,6 +84,19 @@ def load_gguf(gguf_path: Path, what: str = "model.name"):
     return model, tokenizer
 
 
+def gguf_config(gguf_path: Path, what: str = "model.name") -> dict:
+    """The transformers config fields transformers' GGUF reader derives from the file's metadata (no weights are
+    dequantised): enough for the planner's arithmetic without converting the file first."""
+    require_gguf(what)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return dict(load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"])
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise UserError(f"{what}: transformers cannot read {gguf_path} as a GGUF model: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+
+
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 REFERENCE_LOGITS = "gguf_reference_logits.safetensors"
 TOLERANCE = 1e-4

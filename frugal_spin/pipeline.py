@@ -237,7 +237,8 @@ class Run:
 
             total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
             gpu = min(GPUS, key=lambda g: abs(GPUS[g] - total_gib))
-            shape = resolve_model_shape(self.recipe.model.name, allow_network=False)
+            shape = resolve_model_shape(self.recipe.model.name, allow_network=False,
+                                        gguf_file=self.recipe.model.gguf_file)
             largest = estimate(self.recipe, shape, gpu).max_micro_batch[f"{section}_train"]
         except Exception:  # the advice is best effort; the error itself must still be shown
             return how + "."

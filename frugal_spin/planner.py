@@ -198,12 +198,22 @@ def builtin_shape() -> ModelShape:
                       source="frugal_spin.tiny_base.TinyBaseSpec")
 
 
-def resolve_model_shape(name: str, *, allow_network: bool = True, trust_remote_code: bool = False) -> ModelShape:
-    """Built-in base, local directory, offline table, then (if allowed) the hub. UserError when none has it."""
+def resolve_model_shape(name: str, *, allow_network: bool = True, trust_remote_code: bool = False,
+                        gguf_file: str = "") -> ModelShape:
+    """Built-in base, local GGUF file (`name` ending in .gguf, or a directory plus `gguf_file`: its metadata),
+    local directory, offline table, then (if allowed) the hub. UserError when none has it."""
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise UserError(f"model.name: unknown built-in model {name!r} (available: {', '.join(BUILTIN_MODELS)})")
         return SMOLLM2_SHAPE if name == BUILTIN_SMOLLM2 else builtin_shape()
+    if gguf_file or name.lower().endswith(".gguf"):
+        from frugal_spin.gguf_import import gguf_config
+
+        key = "model.gguf_file" if gguf_file else "model.name"
+        gguf_path = Path(name).expanduser() / gguf_file if gguf_file else Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise UserError(f"{key}: GGUF file not found: {gguf_path}")
+        return shape_from_config(gguf_config(gguf_path, key), source=str(gguf_path))
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
         config_file = path / "config.json"
@@ -612,7 +622,7 @@ def plan_main(argv: list[str]) -> int:
     """`python -m frugal_spin plan ...`: print the plan; UserError propagates to the caller's one-line report."""
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    shape = resolve_model_shape(recipe.model.name, allow_network=not args.offline,
+    shape = resolve_model_shape(recipe.model.name, allow_network=not args.offline, gguf_file=recipe.model.gguf_file,
                                 trust_remote_code=recipe.model.trust_remote_code)
     if args.gpu:
         render(estimate(recipe, shape, args.gpu, device="cuda"), recipe)

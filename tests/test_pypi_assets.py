@@ -14,6 +14,8 @@ from frugal_spin import gguf_import
 from frugal_spin import pypi_assets as assets
 from frugal_spin.config import ModelConfig
 from frugal_spin.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 from frugal_spin.model import check_model_reference
 from frugal_spin.tasks import chitchat
 
@@ -146,3 +148,43 @@ def test_chitchat_heldout_is_disjoint_by_conversation_and_seeded():
     assert row["prompt_id"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
     with pytest.raises(UserError, match="data.eval_size 50 leaves no training"):
         chitchat.build_splits(0, n_heldout=50, conversations=conversations)
+
+
+def _tiny_llama_gguf(path):
+    gguf = pytest.importorskip("gguf", reason="the gguf package (extra frugal_spin[gguf]) writes the test file")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(300)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(300)])
+    writer.add_tensor("token_embd.weight", np.zeros((300, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_plan_reads_the_shape_of_a_gguf_model_from_its_metadata(tmp_path, capsys):
+    """`plan` on a .gguf model.name (or a directory plus model.gguf_file) reads the file's metadata, without
+    converting it; a missing file names its key."""
+    from frugal_spin.planner import plan_main, resolve_model_shape
+
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    shape = resolve_model_shape(str(path))
+    assert (shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.intermediate_size,
+            shape.vocab_size) == (64, 2, 4, 2, 128, 300)
+    assert resolve_model_shape(str(tmp_path), gguf_file="tiny.gguf") == shape
+    with pytest.raises(UserError, match="model.gguf_file: GGUF file not found"):
+        resolve_model_shape(str(tmp_path), gguf_file="absent.gguf")
+    assert plan_main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"model.name={path}", "--offline"]) == 0
+    assert "hidden 64, 2 layers, 4 heads (2 kv) x 16, intermediate 128, vocab 300" in " ".join(
+        capsys.readouterr().out.split())
