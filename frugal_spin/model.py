@@ -443,7 +443,7 @@ def mergeable_lora_layers(model, runtime: Runtime) -> list:
     an unquantised base): a bitsandbytes 4-bit layer cannot take a merge without requantising (the weights would
     change), and a GPU run keeps the 4-bit layers. Unquantised bases are merged into copies, which must fit a
     quarter of the RAM available now; dequantised NF4 ones are merged in place (no copy)."""
-    if runtime.device.type != "cpu" or runtime.backend != "transformers":
+    if runtime.device.type != "cpu" or runtime.backend != "transformers" or not isinstance(model, torch.nn.Module):
         return []
     from peft.tuners.lora import LoraLayer
 

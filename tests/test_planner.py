@@ -43,11 +43,13 @@ def test_nf4_weight_bytes_by_hand():
 
 
 def test_cpu_weights_follow_model_cpu_4bit_weights():
-    # On the CPU `auto` and `dequantized` hold the NF4 linears dequantised in fp32 (4 bytes each), `packed` keeps
-    # them NF4; the tied embedding and norms are fp32 either way.
+    # On the CPU `auto` and `dequantized` hold the NF4 linears dequantised in fp32 (4 bytes each) plus their packed
+    # NF4 data (kept to restore the in-place merge of generation), `packed` keeps them NF4 only; the tied embedding
+    # and norms are fp32 either way.
     rest = 98_304 * 2 + 768 * 2
-    assert weight_bytes(ONE_LAYER, Recipe(), CPU_FP32) == 196_608 * 4 + rest
-    assert weight_bytes(ONE_LAYER, _recipe(model={"cpu_4bit_weights": "dequantized"}), CPU_FP32) == 196_608 * 4 + rest
+    assert weight_bytes(ONE_LAYER, Recipe(), CPU_FP32) == 196_608 * 4 + 101_424 + rest
+    assert weight_bytes(ONE_LAYER, _recipe(model={"cpu_4bit_weights": "dequantized"}), CPU_FP32) == \
+        196_608 * 4 + 101_424 + rest
     assert weight_bytes(ONE_LAYER, _recipe(model={"cpu_4bit_weights": "packed"}), CPU_FP32) == 101_424 + rest
 
 
