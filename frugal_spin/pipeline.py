@@ -40,7 +40,7 @@ from frugal_spin.profiler import StageMeter
 from frugal_spin.rundir import check_output_dir, open_run_dir
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_pairs
-from frugal_spin.shared_prompt import pair_tokens, shares_prompt
+from frugal_spin.shared_prompt import packs_pairs, pair_tokens
 from frugal_spin.stages import StageStore, file_digest, fingerprint
 from frugal_spin.threads import apply_threads
 from frugal_spin.turns import end_of_turn_id, scored_pair, stop_token_ids, truncation_counts
@@ -539,10 +539,10 @@ class Run:
         return {"real": real, "generated": generated}, meter
 
     def _scored_tokens(self, rows: list[dict[str, Any]]) -> int:
-        """Tokens the scoring forwards of these pairs run over: the prompt once per pair where it is shared."""
-        longest = max((len(x["prompt_ids"]) + len(x["real_ids"]) + len(x["generated_ids"]) for x in rows), default=0)
-        return pair_tokens([(x["prompt_ids"], x["real_ids"], x["generated_ids"]) for x in rows],
-                           shares_prompt(self.model, longest))
+        """Tokens the scoring forwards of these pairs run over: the prompt once per pair where it is shared (as
+        `packs_pairs` decides for all the rows together; scoring decides per batch, so this is approximate)."""
+        triples = [(x["prompt_ids"], x["real_ids"], x["generated_ids"]) for x in rows]
+        return pair_tokens(triples, bool(triples) and packs_pairs(self.model, triples))
 
     def _scored(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
         """The real and generated response ids each pair is scored on, by the cache, the player and evaluation

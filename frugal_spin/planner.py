@@ -50,7 +50,8 @@ fp16/bf16, 4 for fp32):
   so little more coexists; measured); with gradient checkpointing also that layer's recomputed activations.
 - Training sequences: SFT max_prompt_tokens + max_answer_tokens; SPIN on CUDA two sequences per pair, prompt +
   max(max_answer_tokens, generation.max_new_tokens), on the CPU one per pair, prompt + 2 such answers (the
-  prompt is shared, `shared_prompt.py`). Response tokens = answer tokens of every sequence.
+  prompt is shared, `shared_prompt.py`) when that is at most 0.8 of the two sequences' tokens. Response tokens =
+  answer tokens of every sequence.
 - Generation: KV cache 2 * layers * kv_heads * head_dim * (prompt + new tokens) * batch * b, plus at the peak
   either the prefill (per prompt token (2H + 3I) b, the mask, the last position's logits) or a decode step
   (logits in b, their fp32 copy, warped scores and probabilities: batch * V * (b + 12), + 20 bytes per entry for
@@ -94,6 +95,7 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep 32-bit state for
 # Usable memory in GiB (what torch can allocate after the driver's reservation), not the nominal size.
 GPUS: dict[str, float] = {"t4": 15.0, "l4": 22.5, "a10": 22.5, "a100-40": 39.5, "a100-80": 79.3, "h100": 79.3}
 NO_BF16_GPUS = {"t4"}
+PACKED_PAIR_TOKEN_RATIO = 0.8  # shared_prompt.MAX_TOKEN_RATIO (not imported: the planner stays free of torch)
 STAGES = ("sft_train", "generate", "score", "spin_train", "eval")
 COLUMN_TITLES = {"adapter+optimizer": "LoRA+optim", "kv_cache": "KV cache"}
 STAGE_TITLES = {"sft_train": "SFT train", "generate": "generate", "score": "score", "spin_train": "SPIN train",
@@ -441,8 +443,10 @@ def stage_estimates(recipe: Recipe, shape: ModelShape, target: Target) -> list[S
     spin_answer = max(answer, g.max_new_tokens)
     sft = _train_stage("sft_train", shape, recipe, target, recipe.sft.micro_batch_size, prompt + answer,
                        recipe.sft.micro_batch_size * answer)
-    # A pair is one sequence x+y+y' on the CPU (shared_prompt.shares_prompt), two sequences x+y, x+y' on CUDA.
-    shared = target.device == "cpu"
+    # A pair is one sequence x+y+y' on the CPU where that cuts the tokens enough (shared_prompt.packs_pairs, here
+    # at the recipe's longest prompt and answers), else and on CUDA two sequences x+y, x+y'.
+    shared = target.device == "cpu" and \
+        prompt + 2 * spin_answer <= PACKED_PAIR_TOKEN_RATIO * 2 * (prompt + spin_answer)
     pair_seqs, pair_len, pair_answers = (1, prompt + 2 * spin_answer, 2 * spin_answer) if shared \
         else (2, prompt + spin_answer, spin_answer)
     spin = _train_stage("spin_train", shape, recipe, target, pair_seqs * recipe.spin.micro_batch_size, pair_len,

@@ -2,7 +2,7 @@
 
 `score_responses`: (prompt_ids, response_ids) pairs -> a float32 tensor, row i = Σ_t log p(response_i,t | prompt_i,
 response_i,<t) by teacher forcing (evaluation's held-out NLL). `score_pairs`: SPIN pairs (prompt, real, generated)
--> both answers' sums, with the prompt shared where `shared_prompt.shares_prompt` allows; it builds the opponent
+-> both answers' sums, with the prompt shared where `shared_prompt.packs_pairs` says it pays; it builds the opponent
 cache once per SPIN iteration (the player then trains against these numbers with no opponent forward pass) and
 scores the evaluation anchor, with the same pair layout as the player's training step.
 

@@ -37,7 +37,7 @@ from frugal_spin.faults import crash_point
 from frugal_spin.logprobs import sequence_logprobs
 from frugal_spin.losses import sft_loss, spin_loss
 from frugal_spin.model import Runtime, trainable_parameters
-from frugal_spin.shared_prompt import pair_logprobs, pair_tokens, shares_prompt
+from frugal_spin.shared_prompt import packs_pairs, pair_logprobs, pair_tokens
 
 
 @dataclass
@@ -405,14 +405,14 @@ def spin_step_fn(
     opponent log-probs: no opponent forward pass, no reference model in memory. `loss` names the member of the
     SPIN loss family (`losses.SPIN_LOSSES`, the recipe's `spin.loss`).
 
-    On the CPU the two answers share one copy of the prompt (`shared_prompt.py`: x+y+y' with a mask that keeps y'
-    from seeing y), as the opponent's scoring does; elsewhere they are 2B sequences x+y and x+y'.
+    On the CPU the two answers share one copy of the prompt where that pays (`shared_prompt.packs_pairs`: x+y+y'
+    with a mask that keeps y' from seeing y), as the opponent's scoring does; elsewhere they are 2B sequences.
     """
 
     def step(batch: list[int]) -> StepOutput:
         triples = [(prompts[i], real[i], generated[i]) for i in batch]
         player_real, player_generated = pair_logprobs(model, triples, pad_id, chunk_size)
-        shared = shares_prompt(model, max(len(x) + len(y) + len(g) for x, y, g in triples))
+        shared = packs_pairs(model, triples)
         out = spin_loss(player_real, player_generated, opponent_real[batch].to(device),
                         opponent_generated[batch].to(device), beta, loss)
         metrics = {"reward_margin": out.margins.mean().item(), "reward_accuracy": out.accuracy.item(),

@@ -98,7 +98,7 @@ def worker_frugal(args, packed: bool) -> dict:
     from frugal_spin.generate import generate_answers
     from frugal_spin.model import builtin_smollm2_dir, inference_mode, load_model, load_tokenizer, resolve_runtime
     from frugal_spin.scoring import score_pairs
-    from frugal_spin.shared_prompt import shares_prompt
+    from frugal_spin.shared_prompt import packs_pairs
     from frugal_spin.train import spin_step_fn, train_adapter
 
     out: dict = {}
@@ -125,7 +125,7 @@ def worker_frugal(args, packed: bool) -> dict:
         cache_real, cache_gen = score_pairs(model, triples, pad_id=pad, batch_size=args.gen_batch, chunk_size=256)
     # Tokens of the pairs as two sequences each, whatever the layout: the same work counted for every tool.
     out["score"]["tokens"] = sum(2 * len(p) + len(r) + len(g) for p, r, g in triples)
-    out["shared_prompt"] = shares_prompt(model)
+    out["shared_prompt"] = packs_pairs(model, triples)  # for all pairs at once; decided per batch
     step = spin_step_fn(model, prompts, real, generated, cache_real, cache_gen, 0.1, pad, 256, runtime.device)
     lengths = [len(p) + len(r) + len(g) for p, r, g in triples]
     train_cfg = TrainConfig(epochs=1.0, learning_rate=5e-5, micro_batch_size=args.micro_batch, grad_accum_steps=1,

@@ -112,3 +112,20 @@ def test_falls_back_where_the_mask_would_be_wrong():
     model = _model("sdpa")
     model.get_base_model().config._attn_implementation = "flash_attention_2"
     assert not shares_prompt(model)
+
+
+def test_pairs_are_packed_only_where_it_cuts_the_tokens():
+    """A short prompt saves too little to pay for leaving SDPA's causal fast path: those pairs run as two
+    sequences, with exactly the two-sequence numbers; a long prompt is packed. The planner uses the same ratio."""
+    from frugal_spin.planner import PACKED_PAIR_TOKEN_RATIO
+    from frugal_spin.shared_prompt import MAX_TOKEN_RATIO, packs_pairs
+
+    assert PACKED_PAIR_TOKEN_RATIO == MAX_TOKEN_RATIO
+    model = _model("sdpa")
+    model.eval()
+    short_prompt = [([5], list(range(10, 30)), list(range(40, 60)))]  # 41 tokens packed against 2 x 21
+    long_prompt = [(list(range(1, 31)), list(range(31, 41)), list(range(41, 51)))]  # 50 against 2 x 40
+    assert not packs_pairs(model, short_prompt) and packs_pairs(model, long_prompt)
+    with torch.no_grad():
+        got, want = pair_logprobs(model, short_prompt, PAD, 16), _apart(model, short_prompt)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
