@@ -45,3 +45,17 @@ def finished_run(tmp_path_factory, small_base_cache):
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
         assert main([str(recipe), f"output_dir={run_dir}", *FINISHED_RUN_OVERRIDES]) == 0
     return run_dir
+
+
+class CallCounter:
+    """Counts calls of a module-level function (so a test can prove the Triton path ran)."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.count = 0
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)

@@ -30,6 +30,7 @@ from frugal_spin.kernels.nf4_lora import (  # noqa: E402
     lora_linear_reference,
 )
 from frugal_spin.logprobs import chunked_token_logprobs, reference_token_logprobs  # noqa: E402
+from conftest import CallCounter as _Calls  # noqa: E402
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")  # a core dependency: present wherever CI runs
 
@@ -37,20 +38,6 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")  # a core depend
 @pytest.fixture
 def force_triton(monkeypatch):
     monkeypatch.setenv(dispatch.MODE_ENV, "force")
-
-
-class _Calls:
-    """Counts calls of a module-level function (so a test can prove the Triton path ran)."""
-
-    def __init__(self, monkeypatch, module, name):
-        self.count = 0
-        original = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
 
 
 # ---------------------------------------------------------------- dispatch

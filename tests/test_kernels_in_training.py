@@ -26,6 +26,7 @@ from frugal_spin.kernels import dispatch, logprob_triton, nf4_lora_triton  # noq
 from frugal_spin.model import Runtime, load_model  # noqa: E402
 from frugal_spin.scoring import score_responses  # noqa: E402
 from frugal_spin.train import sft_step_fn, spin_step_fn, train_adapter  # noqa: E402
+from conftest import CallCounter as _Calls  # noqa: E402
 
 
 @pytest.fixture
@@ -36,18 +37,6 @@ def gpu_like_dispatch(monkeypatch):
     dispatch.forget_verifications()
     yield
     dispatch.forget_verifications()
-
-
-class _Calls:
-    def __init__(self, monkeypatch, module, name):
-        self.count = 0
-        original = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
 
 
 def _four_bit_model(tmp_path, checkpointing: bool, dropout: float = 0.0):
