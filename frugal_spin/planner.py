@@ -50,7 +50,9 @@ fp16/bf16, 4 for fp32):
   so little more coexists; measured); with gradient checkpointing also that layer's recomputed activations.
 - Training sequences: SFT max_prompt_tokens + max_answer_tokens; SPIN on CUDA two sequences per pair, prompt +
   max(max_answer_tokens, generation.max_new_tokens), on the CPU one per pair, prompt + 2 such answers (the
-  prompt is shared, `shared_prompt.py`) when that is at most 0.8 of the two sequences' tokens. Response tokens =
+  prompt is shared, `shared_prompt.py`) when the architecture may pack pairs (`packing_rules.packing_rule` of its
+  config: the same allowlist and sliding-window rule the run applies before its probe) and that is at most 0.8
+  of the two sequences' tokens. Response tokens =
   answer tokens of every sequence.
 - Generation: KV cache 2 * layers * kv_heads * head_dim * (prompt + new tokens) * batch * b, plus at the peak
   either the prefill (per prompt token (2H + 3I) b, the mask, the last position's logits) or a decode step
@@ -81,6 +83,7 @@ from typing import Any, Literal
 
 from frugal_spin.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_SMOLLM2, Recipe, load_recipe
 from frugal_spin.errors import UserError
+from frugal_spin.packing_rules import PackingRule, packing_rule
 
 GIB = 1024 ** 3
 NF4_BLOCK = 64
@@ -117,6 +120,9 @@ class ModelShape:
     max_position_embeddings: int
     attention_bias: bool = False  # Qwen2: q/k/v carry a bias
     source: str = ""
+    # Whether SPIN pairs may be packed x+y+y' (packing_rules.py); the default fits the Llama/Qwen2 shapes built
+    # in here, a config's own rule comes from `shape_from_config`.
+    packing: PackingRule = PackingRule()
 
     @property
     def q_dim(self) -> int:
@@ -179,7 +185,7 @@ def shape_from_config(config: dict[str, Any], source: str = "config.json") -> Mo
             tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             max_position_embeddings=int(config.get("max_position_embeddings") or 0),
             attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
-            source=source)
+            source=source, packing=packing_rule(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{source}: not a Llama/Qwen2-style decoder config (missing or bad {exc})") from None
     return shape
@@ -443,9 +449,10 @@ def stage_estimates(recipe: Recipe, shape: ModelShape, target: Target) -> list[S
     spin_answer = max(answer, g.max_new_tokens)
     sft = _train_stage("sft_train", shape, recipe, target, recipe.sft.micro_batch_size, prompt + answer,
                        recipe.sft.micro_batch_size * answer)
-    # A pair is one sequence x+y+y' on the CPU where that cuts the tokens enough (shared_prompt.packs_pairs, here
-    # at the recipe's longest prompt and answers), else and on CUDA two sequences x+y, x+y'.
-    shared = target.device == "cpu" and \
+    # A pair is one sequence x+y+y' on the CPU where the architecture allows it and that cuts the tokens enough
+    # (shared_prompt.packs_pairs, here at the recipe's longest prompt and answers), else and on CUDA two sequences
+    # x+y, x+y'.
+    shared = target.device == "cpu" and shape.packing.refuses(prompt + 2 * spin_answer) is None and \
         prompt + 2 * spin_answer <= PACKED_PAIR_TOKEN_RATIO * 2 * (prompt + spin_answer)
     pair_seqs, pair_len, pair_answers = (1, prompt + 2 * spin_answer, 2 * spin_answer) if shared \
         else (2, prompt + spin_answer, spin_answer)
