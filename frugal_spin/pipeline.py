@@ -40,7 +40,7 @@ from frugal_spin.profiler import StageMeter
 from frugal_spin.rundir import check_output_dir, open_run_dir
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_pairs
-from frugal_spin.shared_prompt import packs_pairs, pair_tokens
+from frugal_spin.shared_prompt import packs_pairs, pair_tokens, probe_packing, probe_triple
 from frugal_spin.stages import StageStore, file_digest, fingerprint
 from frugal_spin.threads import apply_threads
 from frugal_spin.turns import end_of_turn_id, scored_pair, stop_token_ids, truncation_counts
@@ -123,6 +123,10 @@ class Run:
             # ending with one of them is scored without its end token (the truncation asymmetry).
             owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.stop_ids = stop_token_ids(self.tokenizer, owner.generation_config)
+            # Pairs are packed x+y+y' only where that is exact on this model (allowlist, then one real pair scored
+            # both ways); the verdict stays on the model, so scoring, training and evaluation all follow it.
+            self.packing = probe_packing(self.model, probe_triple([(e.prompt_ids, e.answer_ids) for e in self.train]),
+                                         self.pad_id, self.chunk, self.runtime.autocast)
             self.base_path, self.longest = base_path, longest
             crash_point("setup")
         self.world.write(self.store.complete, "setup", self.data_fp, "setup", {
@@ -133,7 +137,7 @@ class Run:
             "base_weights": self.runtime.base_weights,
             "end_of_turn_token": self.tokenizer.convert_ids_to_tokens(end_of_turn_id(self.tokenizer)),
             "stop_token_ids": self.stop_ids, "model_revision": revision, "dataset_revision": splits.revision,
-            **meter.memory}, meter.wall_s)
+            "pair_packing": self.packing.record(), **meter.memory}, meter.wall_s)
 
     def _weights(self, sampling_merged: bool | None = None) -> dict[str, str]:
         """Which weights a stage ran on, for its record: the base as loaded (runtime.base_weights) plus the LoRA

@@ -74,6 +74,14 @@ def test_the_ids_scored_are_the_ids_generated_from_and_those_saved(run_dir):
     assert "unsloth" not in sys.modules  # the CPU path never imports the optional backend
 
 
+def test_setup_records_the_pair_layout(run_dir):
+    """The run says whether SPIN pairs were packed x+y+y' and why: the tiny Llama base on the CPU passes the
+    allowlist and the probe on one real pair (shared_prompt.probe_packing)."""
+    packing = json.loads((run_dir / "stages" / "setup.json").read_text())["metrics"]["pair_packing"]
+    assert packing["packed"] is True and packing["reason"] == "on"
+    assert 0 <= packing["probe_difference_per_token"] <= packing["tolerance_per_token"] == 1e-5
+
+
 def _load_independently(run_dir: Path, adapter: str | None):
     """base/ + an adapter through the public libraries only (transformers, bitsandbytes, peft)."""
     from peft import PeftModel
