@@ -113,8 +113,13 @@ class Run:
                                     revision=revision)
             # The weights every stage runs on (packed or dequantised 4-bit) are part of the base's identity: the
             # two give the same model up to float rounding, but cached log-probs must come from exactly these.
+            # Pairs are packed x+y+y' only where that is exact on this model (allowlist, then one real pair scored
+            # both ways); the verdict stays on the model, so scoring, training and evaluation all follow it.
+            self.packing = probe_packing(self.model, probe_triple([(e.prompt_ids, e.answer_ids) for e in self.train]),
+                                         self.pad_id, self.chunk, self.runtime.autocast)
             self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir, revision),
-                                       r.model.load_in_4bit, asdict(r.lora), self.runtime.base_weights)
+                                       r.model.load_in_4bit, asdict(r.lora), self.runtime.base_weights,
+                                       *_packing_identity(self.packing))
             # The token ids themselves identify the data (a hub dataset's new commit or an edited local file
             # changes them); the dataset commit is recorded and fingerprinted too.
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, splits.revision,
@@ -123,10 +128,6 @@ class Run:
             # ending with one of them is scored without its end token (the truncation asymmetry).
             owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.stop_ids = stop_token_ids(self.tokenizer, owner.generation_config)
-            # Pairs are packed x+y+y' only where that is exact on this model (allowlist, then one real pair scored
-            # both ways); the verdict stays on the model, so scoring, training and evaluation all follow it.
-            self.packing = probe_packing(self.model, probe_triple([(e.prompt_ids, e.answer_ids) for e in self.train]),
-                                         self.pad_id, self.chunk, self.runtime.autocast)
             self.base_path, self.longest = base_path, longest
             crash_point("setup")
         self.world.write(self.store.complete, "setup", self.data_fp, "setup", {
@@ -653,6 +654,16 @@ def _base_identity(path: Path, run_dir: Path, revision: str | None = None) -> st
              if (path / name).is_file()]
     digest = weights_digest(path, run_dir / "stages" / "weights_digest.json") if path.is_dir() else None
     return fingerprint(parts or [str(path)], digest)
+
+
+def _packing_identity(decision) -> tuple[str, ...]:
+    """The pair layout's part of the base's identity: empty where pairs are laid out as before the packing guard
+    (packed on an allowed architecture, or two sequences off the CPU), so those runs keep their fingerprints; the
+    refusal where the guard now keeps two sequences on a model earlier versions packed (ALiBi, local windows,
+    recurrent layers, a failed probe): caches scored packed on such a model were wrong and must not be reused."""
+    if decision.packed or not decision.reason.startswith(("allowlist miss", "probe")):
+        return ()
+    return ("pairs as two sequences: " + decision.reason.split(":")[0],)
 
 
 def _examples_digest(examples: list[Encoded]) -> str:
