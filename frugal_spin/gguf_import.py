@@ -199,7 +199,7 @@ def check_saved_tokenizer(tokenizer, vocab, gguf_path: Path, what: str) -> str:
     reference = gguf_tokenizer.ReferenceTokenizer(vocab)
     n = gguf_tokenizer.check_tokenizer(tokenizer, reference, what, gguf_path)
     chat = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, tokenize=False)
-    got, want = probe_ids(tokenizer)[0].tolist(), reference.encode(chat, add_bos=False)
+    got, want = probe_ids(tokenizer)[0].tolist(), reference.encode(chat, add_special=False)
     if got != want:
         raise UserError(f"{what}: the tokenizer converted from {gguf_path} encodes the chat {chat!r} differently "
                         f"from the GGUF's own vocabulary and pre-tokenizer rules; not cached")

