@@ -29,7 +29,8 @@ from pathlib import Path
 from frugal_spin.errors import UserError
 
 # llama.cpp's regexes (src/llama-vocab.cpp, `llm_tokenizer_bpe`), by the `tokenizer.ggml.pre` names it maps to them
-# (`llama_vocab::impl::load`). Only the byte-level BPE families whose rules are reproduced and tested here.
+# (`llama_vocab::impl::load`). Only the byte-level BPE families whose rules are reproduced and tested here. GPT-2's
+# own regex ends in `|\s+`; llama.cpp's copy does not need it, since text no alternative matches stays a piece.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 DIGIT_SPLIT = r"\p{N}"
 SMOLLM_FAMILY = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
