@@ -533,13 +533,16 @@ def use_kernels(model) -> dict[str, bool]:
     """Where the Triton kernels run (CUDA with triton, see kernels/dispatch.py): point peft's 4-bit LoRA layers at
     the fused NF4 LoRA kernel, and run every kernel variant's self-check now, on the model's device and in its
     dtypes, before any training or scoring forward. Checked here, outside autograd, the checks never run inside a
-    checkpointed layer's forward, whose saved-tensor hooks would capture their graphs. Returns
-    {"<kernel> <variant>": passed}; empty where the kernels do not run."""
+    checkpointed layer's forward, whose saved-tensor hooks would capture their graphs. On a GPU each variant is also
+    timed against the path without it and the faster kept (kernels/dispatch.py; the timers: kernel_timing.py).
+    Returns {"<kernel> <variant>": the kernel is used}; empty where the kernels do not run."""
+    from frugal_spin import kernel_timing
     from frugal_spin.kernels import logprob
     from frugal_spin.kernels.dispatch import use_triton
     from frugal_spin.kernels.peft_swap import use_fused_lora_layers, verify_fused_layers
     from frugal_spin.logprobs import decoder_and_head
 
+    kernel_timing.register()
     probe = next(model.parameters())
     if not use_triton(probe):
         return {}
