@@ -58,7 +58,8 @@ def run_path(path: str, chunk: int, h, weight, targets, upstream) -> None:
     if path == "plain":
         out = reference_token_logprobs(h, weight, targets)
     else:
-        os.environ[dispatch.MODE_ENV] = "auto" if path == "triton" else "off"
+        # forced: auto mode may keep the torch path where it is faster (kernels/dispatch.py); this times the kernel
+        os.environ[dispatch.MODE_ENV] = "force" if path == "triton" else "off"
         out = chunked_token_logprobs(h, weight, targets, None, chunk_size=chunk)
     torch.autograd.grad(out, [h], upstream)
 

@@ -1,28 +1,40 @@
-"""Everything only a GPU can show, in one command that ends within 8 minutes: see profiling/gpu_check.sh.
+"""Everything only a GPU can show, in commands sized for a short GPU window: see profiling/gpu_check.sh and
+profiling/GPU.md (what to prepare, which command first, how to read the results back).
 
-Parts, in order (each in a fresh process with its own time limit; a part that would not finish before the
-overall deadline is skipped and says so):
+Parts (`PARTS`: time limit, estimated time on an H200, command group), each in a fresh process with its own limit,
+its output kept as its log. The first group is the default (`--parts first`, at most `BUDGET_S`); the second is
+what a second command runs if time remains (`--parts second`); `--parts a,b,c` runs any subset, in this order.
 
-1. `env`: device, compute capability, versions, and the dtype / GradScaler / backend `resolve_runtime` picks
-   for `model.dtype: auto` here (bf16 only at capability >= 8.0).
-2. `kernels_compiled`: the compiled-kernel parity script of tests/test_kernels_cuda.py (NF4 LoRA and log-prob
-   kernels against their torch references in bf16, fp16 and fp32, at vocab 151,936). Run without pytest (the
-   lent machine has none): the script is read out of the test file.
-3. `self_checks`: every kernel variant's first-use self-check on this GPU (log-prob: fp32/fp16/bf16 heads; NF4
-   LoRA: each dtype x ranks 16, 64 x bias / no bias), with any "self-check" warning they print.
-4. `stages_fp16`, `stages_bf16`: the whole pipeline (SFT, anchor, generate, score, SPIN train, eval) for one
-   SPIN iteration on the colab_t4 recipe's architecture (Qwen2.5-0.5B: 24 layers, hidden 896, vocab 151,936)
-   with random weights, through transformers + bitsandbytes NF4, gradient checkpointing on, on 64 training rows
-   of random text long enough to fill max_prompt_tokens / max_answer_tokens; then each stage's CUDA peak
-   (max allocated, reset between stages) against `plan`'s estimate for the same recipe. fp16 exercises the
-   GradScaler path a T4 takes; bf16 the Ampere+ path. The kernels run in auto mode, self-checks included.
-5. `bench_vs_trl`: `profiling/bench_vs_trl.py --device cuda` at T = 512, 1,024, only if trl (and the datasets
-   package trl needs) import; otherwise reported as skipped.
+first:
+- `env`: device, capability, versions; `resolve_runtime`'s dtype / GradScaler for dtype auto; where bitsandbytes'
+  native library and datasets were loaded from.
+- `kernels_compiled`: tests/test_kernels_cuda.py's script (read out of the file; no pytest): the compiled kernels
+  forced against their torch references in bf16, fp16, fp32 at vocab 151,936.
+- `self_checks`: every kernel variant's self-check and timing against the path without it, as the dispatch
+  decides on this GPU (kernels/dispatch.py): one report per variant; a failed variant fails the part.
+- `bench_lora`, `bench_logprobs`: the kernel benchmarks in their CUDA modes (profiling/bench_*.py --no-write).
+- `stages_fp16`, `stages_bf16`: the pipeline (SFT, anchor, generate, score, SPIN train, eval; one iteration) on
+  colab_t4's architecture (Qwen2.5-0.5B shape, random weights) through transformers + bitsandbytes NF4 with
+  checkpointing on, on 64 rows of random text filling max_prompt_tokens / max_answer_tokens; per stage: wall time,
+  tokens/s, CUDA peak allocated against the plan without its fixed CUDA-context term, and reserved plus the
+  measured non-PyTorch memory against the whole plan; the fp16 run must hold no bf16 tensor (and the bf16 run no
+  fp16 one): parameters, buffers, compute dtypes and every module output are watched.
+- `packing`: shared-prompt pairs (x+y+y' in one sequence) against two sequences on the product's path, in fp32,
+  fp16 and bf16: log-probs, LoRA gradients, and that y' never sees y.
+- `tiny_cuda`: the shipped tiny base through recipes/cpu_tiny.yaml on CUDA (fp32), its evaluations against the
+  README's CPU table within stated tolerances (gpu_parts.TINY_TOLERANCE).
+second:
+- `resume`: SFT killed with SIGKILL after step 3 (checkpoint every 2 steps, fp16), resumed; loss curve and adapter
+  against the uninterrupted run.
+- `bench_vs_trl`: profiling/bench_vs_trl.py --device cuda (needs the carried trl + datasets wheels).
+- `vllm`: profiling/gpu_check_vllm.sh (skips itself where vllm is not installed, as on the lent H200).
 
-Output: profiling/gpu_check.md and profiling/gpu_check.csv (one row per measurement), rewritten after every part,
-so a run cut short still leaves what it measured. `--dry-run` (CPU, no GPU needed) prints the parts with their
-commands and time limits and the planner's per-stage estimates the stage runs will be compared with, and writes
-nothing. No part needs the `datasets` package (the data is a local .jsonl file, read without it).
+Output: with `--out DIR`, at most 8 files there (OUT_FILES): gpu_check.md (tables), gpu_check.csv (one row per
+measurement), gpu_check.json (every result), gpu_check_logs.tar.gz (each part's log) and gpu_check_runs.tar.gz (the
+run records: metrics.jsonl, report.md/json, recipe, stage markers, pairs, charts; a whitelist, never weights, under
+15 MiB), rewritten after every part so a run cut short keeps what it measured. Without --out: gpu_check.md and
+gpu_check.csv in profiling/. `--dry-run` (no GPU needed) lists the parts, their commands, limits and estimates and
+the planner's per-stage estimates, and writes nothing, or with --out only the plan (gpu_check_plan.md).
 """
 
 from __future__ import annotations
@@ -33,60 +45,79 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import gpu_parts  # noqa: E402
+from gpu_parts import WORK  # noqa: E402
+
 REPORT_MD = HERE / "gpu_check.md"
 REPORT_CSV = HERE / "gpu_check.csv"
-DEADLINE_S = 7 * 60 + 30  # of the 8 minutes the script may take: leave time to write the report
-WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/frugal_spin_gpu_check"))
-RECIPE = REPO / "recipes" / "colab_t4.yaml"
-ARCHITECTURE = "Qwen/Qwen2.5-0.5B-Instruct"  # colab_t4's model; its shape comes from the planner's offline table
-TRAIN_ROWS, EVAL_ROWS = 64, 16
-STAGE_MAP = {"sft": "sft_train", "anchor": "generate", "iter_0.generate": "generate", "iter_0.score": "score",
-             "iter_0.train": "spin_train", "sft.eval": "eval", "iter_0.eval": "eval"}
-PACKAGES = ("torch", "transformers", "peft", "triton", "bitsandbytes", "accelerate", "trl", "datasets")
+BUDGET_S = 375  # of the first command's 8 minutes: ~1.5 min machine start and wheel install, 6 min 15 s of parts
+OUT_FILES = ("gpu_check.md", "gpu_check.csv", "gpu_check.json", "gpu_check_logs.tar.gz", "gpu_check_runs.tar.gz")
+PLAN_FILE = "gpu_check_plan.md"
+MAX_OUT_FILES = 8  # what the device tool brings back from $OUT
+ARCHIVE_LIMIT_BYTES = 15 * 2**20  # uncompressed members per archive: the archive stays under the tool's 16 MiB
+LOG_TAIL_BYTES = 4 * 2**20  # of each part's log in the archive
+RUN_DIRS = ("run_float16", "run_bfloat16", "tiny_cuda", "resume_reference", "resume_resumed")
+# What of a run directory is a record (relative glob patterns), most useful first; weights, adapters,
+# checkpoints, caches and the base are never matched.
+RECORD_PATTERNS = ("metrics.jsonl", "report.md", "report.json", "recipe.yaml", "stages/*.json", "*.png",
+                   "eval/anchor_pairs.jsonl", "iter_*/pairs.jsonl")
 
 
-def stage_overrides(dtype: str) -> list[str]:
-    """The recipe overrides of one stage run (model and data are built by the part itself, under WORK)."""
-    return [f"model.name={WORK / 'model'}", f"data.dataset={WORK / 'data.jsonl'}", "data.fraction=1.0",
-            f"data.eval_size={EVAL_ROWS}", "spin.iterations=1", "model.backend=transformers",
-            'model.gradient_checkpointing="on"', f"model.dtype={dtype}", "sft.checkpoint_every_steps=0",
-            "spin.checkpoint_every_steps=0", f"output_dir={WORK / ('run_' + dtype)}"]
+@dataclass(frozen=True)
+class Part:
+    name: str
+    limit_s: int  # killed after this
+    estimate_s: int  # expected on an H200, startup included (GPU.md says how each was estimated)
+    group: str  # first | second
+    what: str
 
 
-PARTS: list[tuple[str, int, str]] = [  # name, time limit (s), what it does
-    ("env", 60, "device, capability, versions; resolve_runtime's dtype, GradScaler and backend for dtype auto"),
-    ("kernels_compiled", 120, "tests/test_kernels_cuda.py's script: compiled kernels vs torch references"),
-    ("self_checks", 90, "every kernel variant's self-check on this GPU (look for 'self-check' warnings)"),
-    ("stages_fp16", 150, "SFT, anchor, generate, score, SPIN train, eval on Qwen2.5-0.5B's shape, fp16, ckpt on"),
-    ("stages_bf16", 150, "the same in bf16"),
-    ("bench_vs_trl", 120, "profiling/bench_vs_trl.py --device cuda --lengths 512 1024 (needs trl + datasets)"),
-    ("vllm", 90, "profiling/gpu_check_vllm.sh: generation.engine vllm with the opponent's adapter (needs vllm)"),
+PARTS = [
+    Part("env", 60, 15, "first", "device, capability, versions, dtype auto, where bitsandbytes/datasets load from"),
+    Part("kernels_compiled", 150, 40, "first", "tests/test_kernels_cuda.py's script: compiled kernels vs torch"),
+    Part("self_checks", 150, 40, "first", "each kernel variant: self-check, timing vs reference, the choice"),
+    Part("bench_lora", 120, 30, "first", "profiling/bench_lora.py --no-write --tokens 2048 (CUDA timings)"),
+    Part("bench_logprobs", 120, 25, "first", "profiling/bench_logprobs.py --no-write --lengths 1024 4096"),
+    Part("stages_fp16", 200, 75, "first", "pipeline on Qwen2.5-0.5B's shape, fp16: per stage time, tokens/s, "
+                                           "memory vs plan; no bf16 tensor"),
+    Part("stages_bf16", 160, 55, "first", "the same in bf16 (no fp16 tensor)"),
+    Part("packing", 90, 20, "first", "shared-prompt pairs vs two sequences, fp32 / fp16 / bf16"),
+    Part("tiny_cuda", 180, 75, "first", "recipes/cpu_tiny.yaml on CUDA (fp32) vs the README's CPU table"),
+    Part("resume", 240, 70, "second", "SFT killed at step 3 (checkpoint every 2, fp16), resumed, vs uninterrupted"),
+    Part("bench_vs_trl", 200, 100, "second", "profiling/bench_vs_trl.py --device cuda (needs trl + datasets)"),
+    Part("vllm", 90, 5, "second", "profiling/gpu_check_vllm.sh (skips itself without vllm)"),
 ]
+PART_NAMES = [p.name for p in PARTS]
 
 
-# ---------------------------------------------------------------------------------------------- the parts
+class UsageError(Exception):
+    """A wrong command line: one line, exit status 2."""
 
 
-def part_env() -> dict:
-    import torch
-
-    from frugal_spin.config import ModelConfig
-    from frugal_spin.model import resolve_runtime
-
-    runtime = resolve_runtime(ModelConfig(backend="transformers"))
-    major, minor = torch.cuda.get_device_capability()
-    return {"device": torch.cuda.get_device_name(), "capability": f"{major}.{minor}",
-            "is_bf16_supported": torch.cuda.is_bf16_supported(), "cuda": torch.version.cuda,
-            "compute_dtype": str(runtime.compute_dtype).replace("torch.", ""),
-            "grad_scaler": runtime.needs_grad_scaler, "checkpointing": runtime.gradient_checkpointing,
-            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), **versions()}
+def select_parts(spec: str) -> list[Part]:
+    """`first`, `second`, `all` or comma-separated part names; in PARTS order."""
+    if spec in ("first", "second"):
+        return [p for p in PARTS if p.group == spec]
+    if spec == "all":
+        return list(PARTS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PART_NAMES]
+    if unknown or not names:
+        raise UsageError(f"--parts: unknown part {', '.join(unknown) or '(none given)'} (known: "
+                         f"{', '.join(PART_NAMES)}; or first, second, all)")
+    return [p for p in PARTS if p.name in names]
 
 
 def kernels_script() -> str:
@@ -98,255 +129,411 @@ def kernels_script() -> str:
     raise RuntimeError("tests/test_kernels_cuda.py has no SCRIPT")
 
 
-def part_self_checks() -> dict:
-    import torch
-
-    from frugal_spin.kernels import dispatch, logprob, nf4_lora
-
-    device = torch.device("cuda")
-    results = {}
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        results[f"logprob {logprob.Variant(dtype)}"] = logprob.verified(device, dtype)
-        for rank in (16, 64):  # the recipes' rank, and a rank with another BLOCK_R tile
-            for bias in (False, True):
-                variant = nf4_lora.Variant(dtype, rank, bias, True)
-                results[f"nf4_lora {variant}"] = nf4_lora.verified(device, variant)
-    assert len(dispatch.verified_variants()) == len(results)
-    return results
+BENCH_COMMANDS = {
+    "bench_lora": ["profiling/bench_lora.py", "--no-write", "--tokens", "2048", "--repeats", "10"],
+    "bench_logprobs": ["profiling/bench_logprobs.py", "--no-write", "--lengths", "1024", "4096", "--repeats", "3"],
+    "bench_vs_trl": ["profiling/bench_vs_trl.py", "--device", "cuda", "--lengths", "512", "1024", "--steps", "4",
+                     "--warmup", "1", "--no-write"],
+}
 
 
-def build_inputs() -> None:
-    """A random-weight model of the colab_t4 architecture and a local dataset of long random rows, under WORK."""
-    import random
-
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from frugal_spin.planner import KNOWN_SHAPES
-    from frugal_spin.tiny_base import TinyBaseSpec, build_tokenizer
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    if not (WORK / "model" / "config.json").is_file():
-        s = KNOWN_SHAPES[ARCHITECTURE]
-        config = Qwen2Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
-                             num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-                             intermediate_size=s.intermediate_size, tie_word_embeddings=s.tie_word_embeddings,
-                             max_position_embeddings=s.max_position_embeddings or 32768, use_cache=False)
-        torch.manual_seed(0)
-        # Random init on the GPU: seconds instead of a minute on the CPU (the CPU only for a local smoke run).
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(WORK / "model")
-        # The built-in base's byte-level tokenizer and chat template (nothing can be downloaded there). Its 371
-        # ids are a subset of the 151,936 the model scores over; sampled ids past them decode to nothing.
-        build_tokenizer(TinyBaseSpec()).save_pretrained(WORK / "model")
-    rng = random.Random(0)
-    letters = "abcdefghij klmnopqrst uvwxyz"
-    text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731  (~1 token per character)
-    with open(WORK / "data.jsonl", "w", encoding="utf-8") as f:
-        for _ in range(TRAIN_ROWS + EVAL_ROWS):  # longer than max_prompt/answer_tokens: cut to them, as the plan
-            f.write(json.dumps({"messages": [{"role": "user", "content": text(1200)},
-                                             {"role": "assistant", "content": text(1200)}]}) + "\n")
+def part_command(name: str) -> list[str]:
+    if name == "kernels_compiled":
+        return [sys.executable, "-c", kernels_script()]
+    if name == "vllm":
+        return ["bash", str(REPO / "profiling" / "gpu_check_vllm.sh")]
+    if name in BENCH_COMMANDS:
+        return [sys.executable, *BENCH_COMMANDS[name]]
+    return [sys.executable, str(Path(__file__).resolve()), "--part", name]
 
 
-def part_stages(dtype: str) -> dict:
-    import torch
+def missing_for_bench_vs_trl() -> str | None:
+    """Why bench_vs_trl cannot run here (trl and datasets are carried wheels), or None."""
+    from importlib.util import find_spec
 
-    from frugal_spin.__main__ import main
-    from frugal_spin.config import load_recipe
-    from frugal_spin.planner import estimate, resolve_model_shape
-    from frugal_spin.report import read_records
-
-    build_inputs()
-    overrides = stage_overrides(dtype)
-    start = time.perf_counter()
-    code = main([str(RECIPE), *overrides, "--restart"])
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"the pipeline exited with {code}")
-    recipe = load_recipe(RECIPE, overrides)
-    plan = estimate(recipe, resolve_model_shape(str(WORK / "model"), allow_network=False))
-    planned = {s.name: s.total_bytes / 2**30 for s in plan.stages}
-    stages = []
-    for record in read_records(WORK / f"run_{dtype}"):
-        metrics = record.get("metrics", {})
-        if "peak_mem_gib" not in metrics:
-            continue
-        name = STAGE_MAP.get(record["stage"])
-        stages.append({"stage": record["stage"], "wall_s": round(record.get("wall_time_s", 0.0), 2),
-                       "peak_gib": metrics["peak_mem_gib"], "reserved_gib": metrics.get("peak_reserved_gib"),
-                       "plan_gib": round(planned[name], 3) if name else None,
-                       "measured_over_plan": round(metrics["peak_mem_gib"] / planned[name], 3) if name else None,
-                       "loss": metrics.get("train_loss"), "skipped_steps": metrics.get("skipped_optimizer_steps"),
-                       "scaler_overflow_steps": metrics.get("scaler_overflow_steps")})
-    from frugal_spin.kernels import dispatch
-
-    return {"dtype": dtype, "wall_s": round(wall, 1), "stages": stages,
-            "kernels": {f"{k[0]} {k[2]}": ok for k, ok in dispatch.verified_variants().items()},
-            "max_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    missing = [m for m in ("trl", "datasets") if find_spec(m) is None]
+    return f"{' and '.join(missing)} not importable (carry the wheels: profiling/prepare_gpu_wheels.sh)" \
+        if missing else None
 
 
-def part_bench() -> dict:
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _run(cmd: list[str], env: dict, limit: float) -> tuple[int | None, str, str]:
+    """(return code or None on timeout, stdout, stderr) of a command in its own process group: on timeout the
+    whole group is killed (a part's own subprocesses too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+                            start_new_session=True)
     try:
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError as exc:
-        return {"skipped": f"{exc.name} is not installed (trl needs datasets too; carry their wheels in .whl/)"}
-    proc = subprocess.run([sys.executable, str(HERE / "bench_vs_trl.py"), "--device", "cuda", "--lengths", "512",
-                           "1024", "--steps", "4", "--warmup", "1", "--no-write"], capture_output=True, text=True,
-                          cwd=str(REPO), timeout=110)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-1500:])
-    return {"output": proc.stdout[-2500:]}
+        out, err = proc.communicate(timeout=limit)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+    except BaseException:  # interrupted (SIGTERM from the hard stop): take the part down with us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "-"
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- the driver
-
-
-def run_part(name: str, limit: int) -> tuple[str, dict, str]:
-    """(status, result, stderr tail) of one part, run in a fresh process (`--part NAME`)."""
+def part_env_vars() -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
-    env.pop("TRITON_INTERPRET", None)
+               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if env.get("GPU_CHECK_DEVICE", "cuda") == "cuda":  # the compiled kernels, as a GPU run takes them
+        env.pop("TRITON_INTERPRET", None)
     env.pop("FRUGAL_SPIN_TRITON", None)
+    return env
+
+
+def status_of(name: str, returncode: int | None, stdout: str, result: dict | None) -> tuple[str, dict]:
+    """(ok | failed | skipped | timeout, result) of a finished part."""
+    if returncode is None:
+        return "timeout", result or {}
     if name == "kernels_compiled":
-        cmd = [sys.executable, "-c", kernels_script()]
-    elif name == "vllm":
-        cmd = ["bash", str(REPO / "profiling" / "gpu_check_vllm.sh")]
-    else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=limit)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stderr or b"")[-2000:]
-        return "timeout", {}, tail.decode(errors="replace") if isinstance(tail, bytes) else str(tail)
-    warnings = [line for line in proc.stderr.splitlines() if "self-check" in line or "differs from its torch" in line]
+        lines = [line for line in stdout.splitlines() if line.startswith("rel err")]
+        return ("ok" if returncode == 0 and "CUDA OK" in stdout else "failed"), {"errors": lines}
+    if name == "vllm":
+        if returncode != 0:
+            return "failed", {}
+        if "SKIPPED" in stdout:
+            return "skipped", {"skipped": stdout.strip().splitlines()[-1][:300]}
+        return "ok", {"output": stdout.strip()[-1500:]}
+    if name in BENCH_COMMANDS:
+        if returncode != 0:
+            return "failed", {}
+        lines = stdout.strip().splitlines()
+        table = [line for line in lines if line.startswith("|")]
+        return "ok", {"final": lines[-1] if lines else "", "table": "\n".join(table),
+                      "dispatch": [line for line in lines if line.startswith("dispatch (auto)")]}
+    if returncode != 0 or result is None:
+        return "failed", result or {}
+    if result.get("skipped"):
+        return "skipped", result
+    return ("failed" if result.get("problems") else "ok"), result
+
+
+def run_part(part: Part, limit: float) -> dict:
+    """Run one part in a fresh process; its stdout and stderr go to WORK/logs/<part>.log."""
+    started = time.time()
+    if part.name == "bench_vs_trl" and (why := missing_for_bench_vs_trl()):
+        return {"part": part.name, "status": "skipped", "seconds": 0.0, "result": {"skipped": why}, "stderr": ""}
+    code, out, err = _run(part_command(part.name), part_env_vars(), limit)
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{part.name}.log").write_text(f"$ {part.name} (exit {code})\n--- stdout\n{out}\n--- stderr\n{err}",
+                                           encoding="utf-8")
+    result = next((json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")),
+                  None)
+    status, result = status_of(part.name, code, out, result)
+    return {"part": part.name, "status": status, "seconds": round(time.time() - started, 1), "result": result,
+            "stderr": err[-3000:] if status in ("failed", "timeout") else ""}
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def summary_line(o: dict) -> str:
+    r = o["result"]
+    name = o["part"]
+    if r.get("skipped"):
+        return str(r["skipped"])
+    if r.get("problems"):
+        return "; ".join(r["problems"])[:300]
+    if name == "env":
+        return f"{r.get('device')} {r.get('capability', '')}, torch {r.get('torch')}, dtype auto {r.get('compute_dtype')}"
+    if name == "self_checks":
+        return f"{r['checked']} variants, {r['failed']} failed, kernel used for {r['used_triton']}"
+    if name.startswith("stages_"):
+        return f"{len(r.get('stages', []))} stages in {r.get('wall_s')} s; no {r.get('dtype_watch', {}).get('forbidden')} tensor" \
+            if r.get("dtype_watch") else f"{len(r.get('stages', []))} stages in {r.get('wall_s')} s"
+    if name == "packing":
+        return "; ".join(f"{x['dtype']} logp {x['logp_rel_err']:.1e} grad {x['grad_rel_err']:.1e}" for x in r["rows"])
+    if name == "tiny_cuda":
+        return f"{sum(x['ok'] for x in r['compare'])}/{len(r['compare'])} within tolerance, {r.get('wall_s')} s"
+    if name == "resume":
+        return f"{r['steps']} steps, max loss diff {r['max_loss_diff']:.2e}, adapter diff {r['max_adapter_diff']:.2e}"
+    if name in BENCH_COMMANDS:
+        return r.get("final", "")[:300]
     if name == "kernels_compiled":
-        ok = proc.returncode == 0 and "CUDA OK" in proc.stdout
-        return ("ok" if ok else "failed"), {"kernel_warnings": warnings}, proc.stderr[-2000:]
-    if name == "vllm":  # the fragment says SKIPPED and exits 0 where vllm is not installed (the lent H200)
-        if proc.returncode != 0:
-            return "failed", {}, proc.stderr[-2000:]
-        if "SKIPPED" in proc.stdout:
-            return "skipped", {"skipped": proc.stdout.strip().splitlines()[-1][:300]}, ""
-        return "ok", {"vllm_output": proc.stdout.strip()[-300:]}, ""
-    result = next((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-                   if line.startswith("RESULT ")), None)
-    if proc.returncode != 0 or result is None:
-        return "failed", {"kernel_warnings": warnings}, proc.stderr[-2000:]
-    result["kernel_warnings"] = warnings
-    return ("skipped" if "skipped" in result else "ok"), result, ""
+        return f"{len(r.get('errors', []))} comparisons"
+    return ""
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def render_md(outcomes: list[dict], meta: dict) -> str:
+    env = next((o["result"] for o in outcomes if o["part"] == "env" and o["status"] == "ok"), {})
+    lines = ["# GPU check (`profiling/gpu_check.sh`)", "",
+             f"Run {meta['started_utc']}, {meta['elapsed_s']:.0f} s of a {meta['budget_s']} s budget; parts "
+             f"`{meta['parts']}`. Device: {env.get('device', '?')} (compute capability {env.get('capability', '?')}, "
+             f"{env.get('memory_gib', '?')} GiB, CUDA {env.get('cuda', '?')}).", "",
+             "Versions: " + ", ".join(f"{k} {env.get(k, '?')}" for k in ("python", *gpu_parts.PACKAGES)) + ".", "",
+             "| part | status | seconds | estimate s | result |", "|---|---|---|---|---|"]
+    estimates = {p.name: p.estimate_s for p in PARTS}
+    for o in outcomes:
+        lines.append(f"| {o['part']} | {o['status']} | {o['seconds']} | {estimates.get(o['part'], '')} | "
+                     f"{summary_line(o).replace('|', '/')} |")
+    for o in outcomes:
+        r, name = o["result"], o["part"]
+        if name == "self_checks" and r.get("variants") or name.startswith("stages_") and r.get("kernels"):
+            lines += ["", f"## {name}: kernel variants (self-check, timing, choice)", "",
+                      "| kernel | variant | passed | error / tolerance | kernel ms | reference ms | used | why |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for v in r.get("variants") or r.get("kernels"):
+                check = v["exception"] or f"{_fmt(v['error'])} / {_fmt(v['tolerance'])}"
+                lines.append(f"| {v['kernel']} | {v['variant']} | {v['passed']} | {check} | {_fmt(v['kernel_ms'])} | "
+                             f"{_fmt(v['reference_ms'])} | {v['used']} | {v['reason']} |")
+        if r.get("stages") and name.startswith("stages_"):
+            lines += ["", f"## {name}: per stage (CUDA peaks against `plan`; like against like)", "",
+                      f"Non-PyTorch GPU memory measured (CUDA context, modules, handles): {r.get('non_pytorch_gib')} "
+                      f"GiB; the plan's fixed term for it: {r.get('plan_overhead_gib')} GiB.", "",
+                      "| stage | wall s | tokens/s | allocated GiB | plan w/o context GiB | allocated / plan w/o "
+                      "context | reserved GiB | (reserved + context) / plan | loss |", "|---|---|---|---|---|---|---|---|---|"]
+            for s in r["stages"]:
+                lines.append(f"| {s['stage']} | {s['wall_s']} | {_fmt(s['tokens_per_s'])} | {s['allocated_gib']} | "
+                             f"{_fmt(s['plan_without_context_gib'])} | {_fmt(s['allocated_over_plan_without_context'])} | "
+                             f"{_fmt(s['reserved_gib'])} | {_fmt(s['reserved_plus_context_over_plan'])} | "
+                             f"{_fmt(s['loss'])} |")
+            if r.get("dtype_watch"):
+                w = r["dtype_watch"]
+                lines += ["", f"{w['forbidden']} tensors: {w['places']} places ({w['outputs_checked']} module "
+                              f"outputs checked){': ' + json.dumps(w['found']) if w['found'] else ''}."]
+        if name == "packing" and r.get("rows"):
+            lines += ["", "## packing: shared-prompt pairs vs two sequences", "",
+                      "| dtype | attention | log-prob rel err | LoRA grad rel err | y' change when y changes | tolerance | ok |",
+                      "|---|---|---|---|---|---|---|"]
+            for x in r["rows"]:
+                lines.append(f"| {x['dtype']} | {x['attention']} | {x['logp_rel_err']:.2e} | {x['grad_rel_err']:.2e} | "
+                             f"{x['leak_rel_change']:.2e} | {x['tolerance']:.0e} | {x['ok']} |")
+        if name == "tiny_cuda" and r.get("compare"):
+            lines += ["", f"## tiny_cuda: `{r['command']}` against the README's CPU table", "",
+                      "| stage | metric | CUDA | CPU (README) | difference | tolerance | ok |", "|---|---|---|---|---|---|---|"]
+            for x in r["compare"]:
+                lines.append(f"| {x['stage']} | {x['metric']} | {_fmt(x['cuda'], 4)} | {x['cpu']} | {_fmt(x['diff'], 4)} | "
+                             f"{x['tolerance']} | {x['ok']} |")
+            lines += ["", "Per stage: " + ", ".join(f"{s['stage']} {s['wall_s']} s ({_fmt(s['tokens_per_s'], 0)} tokens/s)"
+                                                     for s in r["stages"]) + "."]
+        if name == "resume" and "steps" in r:
+            lines += ["", "## resume: SFT killed and resumed against uninterrupted", "",
+                      f"{r['dtype']}, killed at `{r['crash_at']}`, checkpoint every {r['checkpoint_every_steps']} "
+                      f"steps; checkpoints left by the kill: {r['checkpoints_after_kill']}; runs: {r['runs']}.", "",
+                      f"Loss curve ({r['steps']} steps) uninterrupted: {[round(x, 5) for x in r['loss_curve_reference']]}",
+                      f"resumed: {[round(x, 5) for x in r['loss_curve_resumed']]}; max |difference| "
+                      f"{r['max_loss_diff']:.2e} (tolerance {r['tolerance']:g}); adapter max |difference| "
+                      f"{r['max_adapter_diff']:.2e}."]
+        if name in BENCH_COMMANDS and (r.get("table") or r.get("final")):
+            lines += ["", f"## {name}", "", r.get("table", ""), "", f"`{r.get('final', '')}`",
+                      *(["", *r["dispatch"]] if r.get("dispatch") else [])]
+        if name == "kernels_compiled" and r.get("errors"):
+            lines += ["", "## kernels_compiled", "", "```", *r["errors"], "```"]
+        if o["stderr"]:
+            lines += ["", f"## {name}: stderr (last lines)", "", "```", o["stderr"][-1500:], "```"]
+    return "\n".join(lines) + "\n"
 
 
 def csv_rows(outcomes: list[dict]) -> list[dict]:
     rows = []
     for o in outcomes:
         base = {"part": o["part"], "status": o["status"], "seconds": o["seconds"]}
-        stages = o["result"].get("stages")
-        if stages:
-            for s in stages:
-                rows.append({**base, "item": s["stage"], "value": s["peak_gib"], "plan": s["plan_gib"],
-                             "ratio": s["measured_over_plan"], "notes": f"{o['result']['dtype']} wall {s['wall_s']} s"})
-        else:
-            checks = {k: v for k, v in o["result"].items() if isinstance(v, bool)}
-            for item, ok in checks.items():
-                rows.append({**base, "item": item, "value": ok, "plan": "", "ratio": "", "notes": ""})
-            if not checks:
-                rows.append({**base, "item": "", "value": "", "plan": "", "ratio": "",
-                             "notes": "; ".join(o["result"].get("kernel_warnings", []))[:300]})
+        r = o["result"]
+        added = len(rows)
+        for v in r.get("variants") or []:
+            rows.append({**base, "item": f"{v['kernel']} {v['variant']}", "value": v["used"], "plan": "", "ratio":
+                         (v["kernel_ms"] / v["reference_ms"]) if v["kernel_ms"] and v["reference_ms"] else "",
+                         "notes": f"passed {v['passed']}; error {v['error']} tolerance {v['tolerance']}; kernel_ms "
+                                  f"{v['kernel_ms']} reference_ms {v['reference_ms']}; {v['exception'] or v['reason']}"})
+        for s in r.get("stages") or []:
+            if "allocated_gib" in s:
+                rows.append({**base, "item": s["stage"], "value": s["allocated_gib"],
+                             "plan": s["plan_without_context_gib"], "ratio": s["allocated_over_plan_without_context"],
+                             "notes": f"{r.get('dtype')}; wall {s['wall_s']} s; tokens/s {s['tokens_per_s']}; reserved "
+                                      f"{s['reserved_gib']} GiB; (reserved+context)/plan "
+                                      f"{s['reserved_plus_context_over_plan']}"})
+        for x in r.get("rows") or []:
+            rows.append({**base, "item": f"packing {x['dtype']}", "value": x["logp_rel_err"], "plan": x["tolerance"],
+                         "ratio": "", "notes": f"grad rel err {x['grad_rel_err']:.3e}; leak {x['leak_rel_change']:.3e}"})
+        for x in r.get("compare") or []:
+            rows.append({**base, "item": f"{x['stage']} {x['metric']}", "value": x["cuda"], "plan": x["cpu"],
+                         "ratio": x["diff"], "notes": f"tolerance {x['tolerance']}; ok {x['ok']}"})
+        if "max_loss_diff" in r:
+            rows.append({**base, "item": "resume loss curve", "value": r["max_loss_diff"], "plan": r["tolerance"],
+                         "ratio": "", "notes": f"{r['steps']} steps; adapter diff {r['max_adapter_diff']:.3e}"})
+        if len(rows) == added:
+            rows.append({**base, "item": "", "value": "", "plan": "", "ratio": "", "notes": summary_line(o)[:300]})
     return rows
 
 
-def write_report(outcomes: list[dict], started: float) -> None:
-    from frugal_spin.io import write_text
+def _archive(dest: Path, members: list[tuple[Path, str]], limit: int, tail_bytes: int | None = None) -> list[str]:
+    """Write a .tar.gz of (file, name) members in order while their sizes stay under `limit` (a log is cut to its
+    last `tail_bytes`); returns the names left out, which are also listed in the archive's LEFT_OUT.txt."""
+    left_out, total = [], 0
+    with tarfile.open(dest, "w:gz") as tar:
+        for path, name in members:
+            data = path.read_bytes()
+            if tail_bytes is not None and len(data) > tail_bytes:
+                data = b"[... cut: the log's last bytes follow]\n" + data[-tail_bytes:]
+            if total + len(data) > limit:
+                left_out.append(f"{name} ({len(data)} bytes)")
+                continue
+            total += len(data)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+        if left_out:
+            data = ("left out to stay under the size limit:\n" + "\n".join(left_out) + "\n").encode()
+            info = tarfile.TarInfo("LEFT_OUT.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return left_out
 
-    env = next((o["result"] for o in outcomes if o["part"] == "env" and o["status"] == "ok"), {})
-    lines = ["# GPU check (`profiling/gpu_check.sh`)", "",
-             f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-             f"{time.time() - started:.0f} s in all. Device: {env.get('device', '?')} (compute capability "
-             f"{env.get('capability', '?')}, {env.get('memory_gib', '?')} GiB, CUDA {env.get('cuda', '?')}).", "",
-             "Versions: " + ", ".join(f"{k} {env.get(k, '?')}" for k in PACKAGES) + ".", "",
-             "| part | status | seconds | result |", "|---|---|---|---|"]
-    for o in outcomes:
-        summary = {k: v for k, v in o["result"].items() if k not in ("stages", "output")}
-        lines.append(f"| {o['part']} | {o['status']} | {o['seconds']} | `{json.dumps(summary)[:400]}` |")
-    for o in outcomes:
-        if o["result"].get("stages"):
-            lines += ["", f"## {o['part']}: CUDA peak per stage against `plan`", "",
-                      "| stage | wall s | peak allocated GiB | reserved GiB | plan GiB | measured / plan | loss |",
-                      "|---|---|---|---|---|---|---|"]
-            for s in o["result"]["stages"]:
-                lines.append(f"| {s['stage']} | {s['wall_s']} | {s['peak_gib']} | {s['reserved_gib']} | "
-                             f"{s['plan_gib']} | {s['measured_over_plan']} | {s['loss']} |")
-        if o["result"].get("output"):
-            lines += ["", f"## {o['part']}", "", "```", o["result"]["output"], "```"]
-        if o["stderr"]:
-            lines += ["", f"## {o['part']}: stderr (last lines)", "", "```", o["stderr"][-1500:], "```"]
-    write_text(REPORT_MD, "\n".join(lines) + "\n")
+
+def record_members(work: Path) -> list[tuple[Path, str]]:
+    """The whitelisted record files of the check's run directories, in RECORD_PATTERNS order per run."""
+    members, seen = [], set()
+    for pattern in RECORD_PATTERNS:
+        for run in RUN_DIRS:
+            for path in sorted((work / run).glob(pattern)):
+                if path.is_file() and path not in seen:
+                    seen.add(path)
+                    members.append((path, f"{run}/{path.relative_to(work / run)}"))
+    return members
+
+
+def write_outputs(outcomes: list[dict], meta: dict, out_dir: Path | None) -> None:
+    """The report files: into out_dir (OUT_FILES, at most MAX_OUT_FILES) or, without one, md + csv in profiling/."""
+    from frugal_spin.io import copy_file, write_json, write_text
+
+    md = render_md(outcomes, meta)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["part", "status", "seconds", "item", "value", "plan", "ratio",
                                                 "notes"])
     writer.writeheader()
     writer.writerows(csv_rows(outcomes))
-    write_text(REPORT_CSV, buffer.getvalue())
+    if out_dir is None:
+        write_text(REPORT_MD, md)
+        write_text(REPORT_CSV, buffer.getvalue())
+        return
+    write_text(out_dir / "gpu_check.md", md)
+    write_text(out_dir / "gpu_check.csv", buffer.getvalue())
+    write_json(out_dir / "gpu_check.json", {"meta": meta, "outcomes": outcomes})
+    staging = WORK / "archives"
+    staging.mkdir(parents=True, exist_ok=True)
+    logs = [(WORK / "logs" / f"{o['part']}.log", f"{o['part']}.log") for o in outcomes
+            if (WORK / "logs" / f"{o['part']}.log").is_file()]
+    _archive(staging / "logs.tar.gz", logs, ARCHIVE_LIMIT_BYTES, LOG_TAIL_BYTES)
+    copy_file(staging / "logs.tar.gz", out_dir / "gpu_check_logs.tar.gz")
+    _archive(staging / "runs.tar.gz", record_members(WORK), ARCHIVE_LIMIT_BYTES)
+    copy_file(staging / "runs.tar.gz", out_dir / "gpu_check_runs.tar.gz")
+    files = [p for p in out_dir.iterdir()]
+    if len(files) > MAX_OUT_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files if p.is_file()):
+        raise RuntimeError(f"{out_dir} holds {len(files)} entries or a file over 16 MiB: the device tool would not "
+                           f"bring them all back")
 
 
-def dry_run() -> None:
+# ---------------------------------------------------------------------------------------------- dry run, main
+
+
+def dry_run(parts: list[Part], budget: int, out_dir: Path | None) -> None:
     from frugal_spin.config import load_recipe
     from frugal_spin.planner import KNOWN_SHAPES, estimate
 
-    print(f"profiling/gpu_check.sh would, within {DEADLINE_S} s (then write {REPORT_MD.relative_to(REPO)} and "
-          f"{REPORT_CSV.relative_to(REPO)}):")
-    for name, limit, what in PARTS:
-        print(f"  {name:<17} <= {limit:>3} s  {what}")
-    for dtype in ("float16", "bfloat16"):
-        overrides = stage_overrides(dtype)
-        print(f"stage run ({dtype}): python -m frugal_spin {RECIPE.relative_to(REPO)} {' '.join(overrides)} --restart")
-        recipe = load_recipe(RECIPE, overrides)  # validates the overrides like the real run
-        plan = estimate(recipe, KNOWN_SHAPES[ARCHITECTURE])
-        print("  plan estimate per stage (GiB): " + ", ".join(f"{s.name} {s.total_bytes / 2**30:.2f}"
-                                                              for s in plan.stages))
+    lines = [f"# GPU check plan (`profiling/gpu_check.sh --dry-run`)", "",
+             f"Parts in order, each in its own process; a part whose estimate exceeds the time left of the {budget} s "
+             f"budget is skipped. Writes {', '.join(OUT_FILES)} into --out (at most {MAX_OUT_FILES} files).", "",
+             "| part | group | limit s | estimate s | what | command |", "|---|---|---|---|---|---|"]
+    for p in parts:
+        cmd = part_command(p.name)
+        shown = "python -c <SCRIPT of tests/test_kernels_cuda.py>" if p.name == "kernels_compiled" else \
+            " ".join(Path(c).name if c == sys.executable else str(c).replace(str(REPO) + "/", "") for c in cmd)
+        lines.append(f"| {p.name} | {p.group} | {p.limit_s} | {p.estimate_s} | {p.what} | `{shown}` |")
+    lines += ["", f"Estimated total: {sum(p.estimate_s for p in parts)} s of parts (budget {budget} s).", ""]
+    if any(p.name.startswith("stages_") for p in parts):
+        for dtype in ("float16", "bfloat16"):
+            overrides = gpu_parts.stage_overrides(dtype)
+            recipe = load_recipe(gpu_parts.RECIPE, overrides)  # validates the overrides like the real run
+            plan = estimate(recipe, KNOWN_SHAPES[gpu_parts.ARCHITECTURE])
+            lines.append(f"stage run ({dtype}): `python -m frugal_spin {gpu_parts.RECIPE.relative_to(REPO)} "
+                         f"{' '.join(overrides)} --restart`")
+            lines.append("  plan estimate per stage (GiB, total / without the context term): " + ", ".join(
+                f"{s.name} {s.total_bytes / 2**30:.2f} / {(s.total_bytes - s.parts['overhead']) / 2**30:.2f}"
+                for s in plan.stages))
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if out_dir is not None:
+        from frugal_spin.io import write_text
+
+        write_text(out_dir / PLAN_FILE, text)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # the hard stop (timeout in gpu_check.sh): write what was measured, then exit
+    raise _Stopped()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="list what would run; needs no GPU, writes nothing")
-    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    parser.add_argument("--dry-run", action="store_true", help="list what would run; needs no GPU; writes only the "
+                                                               "plan, and only into --out")
+    parser.add_argument("--out", help="directory for the results (created; at most 8 files); default: "
+                                      "gpu_check.md/.csv in profiling/")
+    parser.add_argument("--parts", default="first", help="first (default), second, all, or a,b,c of: "
+                                                         + ", ".join(PART_NAMES))
+    parser.add_argument("--budget-s", type=int, default=BUDGET_S, help=f"seconds for all parts (default {BUDGET_S})")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one Python part in this process
     args = parser.parse_args(argv)
-    if args.dry_run:
-        dry_run()
-        return 0
     if args.part:
-        runners = {"env": part_env, "self_checks": part_self_checks, "stages_fp16": lambda: part_stages("float16"),
-                   "stages_bf16": lambda: part_stages("bfloat16"), "bench_vs_trl": part_bench}
-        print("RESULT " + json.dumps(runners[args.part](), default=str), flush=True)
+        print("RESULT " + json.dumps(gpu_parts.RUNNERS[args.part](), default=str), flush=True)
         return 0
+    try:
+        parts = select_parts(args.parts)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out).resolve() if args.out else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            print(f"error: --out {out_dir} is a file", file=sys.stderr)
+            return 2
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        dry_run(parts, args.budget_s, out_dir)
+        return 0
+    signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.time()
+    meta = {"started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "budget_s": args.budget_s,
+            "parts": args.parts, "elapsed_s": 0.0}
     outcomes: list[dict] = []
-    for name, limit, _ in PARTS:
-        left = DEADLINE_S - (time.time() - started)
-        if left < 20:
-            outcomes.append({"part": name, "status": "skipped", "seconds": 0,
-                             "result": {"skipped": "no time left before the 8-minute deadline"}, "stderr": ""})
-            continue
-        t0 = time.time()
-        status, result, stderr = run_part(name, int(min(limit, left)))
-        outcomes.append({"part": name, "status": status, "seconds": round(time.time() - t0, 1), "result": result,
-                         "stderr": stderr})
-        print(f"{name}: {status} ({outcomes[-1]['seconds']} s)", flush=True)
-        write_report(outcomes, started)  # after every part: a run cut short keeps what it measured
+    current = "(none)"
+    try:
+        for part in parts:
+            current = part.name
+            left = args.budget_s - (time.time() - started)
+            if part.estimate_s > left:
+                outcomes.append({"part": part.name, "status": "skipped", "seconds": 0.0, "stderr": "", "result": {
+                    "skipped": f"estimated {part.estimate_s} s, {left:.0f} s of the budget left (run it with --parts)"}})
+            else:
+                outcomes.append(run_part(part, min(part.limit_s, left)))
+            o = outcomes[-1]
+            print(f"{o['part']:<17} {o['status']:<8} {o['seconds']:>6} s  {summary_line(o)[:150]}", flush=True)
+            meta["elapsed_s"] = time.time() - started
+            write_outputs(outcomes, meta, out_dir)  # after every part: a run cut short keeps what it measured
+    except (_Stopped, KeyboardInterrupt):
+        if current not in (o["part"] for o in outcomes):
+            outcomes.append({"part": current, "status": "timeout", "seconds": 0.0, "stderr": "",
+                             "result": {"skipped": "the hard stop (gpu_check.sh's timeout) ended the run in this part"}})
+        meta["elapsed_s"] = time.time() - started
+        write_outputs(outcomes, meta, out_dir)
+        return 1
     return 0 if all(o["status"] in ("ok", "skipped") for o in outcomes) else 1
 
 

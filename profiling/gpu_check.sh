@@ -1,29 +1,42 @@
 #!/usr/bin/env bash
-# The GPU check in one command (see profiling/gpu_check.py for what it runs): ends within 8 minutes, writes
-# profiling/gpu_check.md and profiling/gpu_check.csv.
+# The GPU check (profiling/gpu_check.py says what each part does; profiling/GPU.md how to use a GPU window with it).
 #
-#   profiling/gpu_check.sh            on a CUDA machine (e.g. the lent H200)
-#   profiling/gpu_check.sh --dry-run  anywhere: lists the parts and the plan estimates, installs and writes nothing
+#   profiling/gpu_check.sh --out "$OUT"                      the first command: default parts, <= 6.5 min here
+#   profiling/gpu_check.sh --out "$OUT" --parts second --budget-s 270     what a second command runs
+#   profiling/gpu_check.sh --dry-run --out DIR               anywhere: lists the parts, writes only DIR/gpu_check_plan.md
 #
-# Wheels the machine lacks (bitsandbytes; trl and datasets for the TRL comparison) travel in .whl/ at the
-# repository root (keep it out of git: `echo .whl/ >> .git/info/exclude`); they are installed, without network or
-# dependency resolution, into /tmp/site, which goes first on PYTHONPATH.
+# Wheels the machine lacks travel in .whl/ at the repository root (profiling/prepare_gpu_wheels.sh builds it; git
+# ignores it). They are installed without network or dependency resolution into a folder whose path contains
+# "site-packages": dill (which datasets uses) pickles modules from any other path by value, which breaks datasets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's frugal_spin, whatever is installed
+SITE="${GPU_CHECK_SITE:-/tmp/frugal_spin_gpu/site-packages}"
 
-if [[ "${1:-}" == "--dry-run" ]]; then
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    echo "would install: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
-  else
-    echo "would install: nothing (no .whl/*.whl)"
-  fi
-  exec python3 profiling/gpu_check.py --dry-run
-fi
+dry_run=0
+budget=375
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --dry-run) dry_run=1 ;;
+    --budget-s) budget="${args[i + 1]:-375}" ;;
+    --budget-s=*) budget="${args[i]#--budget-s=}" ;;
+  esac
+done
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="$PWD:/tmp/site:$PYTHONPATH"
+  if ((dry_run)); then
+    echo "would install into $SITE: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$PWD:$SITE${PYTHONPATH#"$PWD"}"
+  fi
+elif ((dry_run)); then
+  echo "would install: nothing (no .whl/*.whl; bench_vs_trl would be skipped, stages need bitsandbytes)"
 fi
-# The driver stops starting parts at 7.5 minutes; this is the hard stop.
-exec timeout --kill-after=10 475 python3 profiling/gpu_check.py "$@"
+
+if ((dry_run)); then
+  exec python3 profiling/gpu_check.py "$@"
+fi
+# The driver starts no part past its budget; this is the hard stop (SIGTERM: it writes what it has, then exits).
+exec timeout --kill-after=10 "$((budget + 30))" python3 profiling/gpu_check.py "$@"

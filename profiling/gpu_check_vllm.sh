@@ -4,15 +4,16 @@
 # Needs a CUDA GPU and `pip install -e ".[vllm]"`; without vLLM it says so and stops (exit 0: nothing to check).
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import vllm" 2>/dev/null; then
+if ! python3 -c "import vllm" 2>/dev/null; then
   echo "gpu_check_vllm: SKIPPED, vllm is not installed (pip install -e '.[vllm]')"
   exit 0
 fi
-OUT="${OUT:-/tmp}/gpu_check_vllm"
-mkdir -p "$OUT"
+# Under the GPU check's own work directory, never under the device tool's $OUT (only 8 files come back from there).
+WORK="${GPU_CHECK_WORK:-/tmp/frugal_spin_gpu_check}/vllm"
+mkdir -p "$WORK"
 # 1. The engine alone on the built-in base with a fresh LoRA adapter: our prompt ids in, token ids out, one seed per
 #    prompt (the same answers twice), the memory freed afterwards.
-python - "$OUT" <<'PY'
+python3 - "$WORK" <<'PY'
 import sys, time
 from pathlib import Path
 import torch
@@ -43,10 +44,10 @@ print(f"gpu_check_vllm engine: OK, {sum(map(len, first))} tokens for {len(prompt
       f"{torch.cuda.memory_allocated() / 2**20:.0f} MiB")
 PY
 # 2. The whole method with vLLM sampling (needs bitsandbytes for the 4-bit base and the paged optimizer).
-if python -c "import bitsandbytes" 2>/dev/null; then
-  python -m frugal_spin recipes/cpu_tiny.yaml output_dir="$OUT/run" model.device=cuda generation.engine=vllm \
+if python3 -c "import bitsandbytes" 2>/dev/null; then
+  python3 -m frugal_spin recipes/cpu_tiny.yaml output_dir="$WORK/run" model.device=cuda generation.engine=vllm \
     generation.vllm_gpu_memory_utilization=0.3 data.fraction=0.05 data.eval_size=16 spin.iterations=1 sft.epochs=1
-  echo "gpu_check_vllm pipeline: OK ($OUT/run/report.md)"
+  echo "gpu_check_vllm pipeline: OK ($WORK/run/report.md)"
 else
   echo "gpu_check_vllm pipeline: SKIPPED, bitsandbytes is not installed"
 fi

@@ -39,3 +39,20 @@ def test_bench_lora_parity_line():
     last = out.strip().splitlines()[-1]
     assert last.startswith("parity_max_rel_err=")
     assert float(last.split("=")[1].split()[0]) < 1e-5
+
+
+def test_bench_lora_reports_the_dispatch_s_choice():
+    """On CUDA bench_lora forces the kernel for its timings and prints what auto mode would keep; the same function
+    here on the CPU under the interpreter (where nothing is timed: the choice rests on the self-check alone)."""
+    code = ("import os, sys, torch; os.environ['TRITON_INTERPRET'] = '1'; os.environ['FRUGAL_SPIN_TRITON'] = 'force'; "
+            f"sys.path.insert(0, {str(REPO / 'profiling')!r}); import bench_lora; "
+            "print(bench_lora.dispatch_choice(torch.device('cpu'), torch.float32, 8)); "
+            "print(os.environ.get('FRUGAL_SPIN_TRITON'))")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    choice, mode = proc.stdout.strip().splitlines()[-2:]
+    assert choice.startswith("dispatch (auto) on cpu: nf4_lora (float32, rank 8, no bias, double quantisation) -> "
+                             "triton (not timed; matched its reference")
+    assert mode == "None"  # auto mode for the check, whatever the timings were forced with
