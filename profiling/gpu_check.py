@@ -264,7 +264,10 @@ def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        if abs(value) < 1e-2 and value:
+            return f"{value:.{digits}g}"
+        text = f"{value + 0.0:.{digits}f}"  # + 0.0: no "-0"
+        return text.rstrip("0").rstrip(".") if "." in text else text
     return str(value)
 
 
@@ -498,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = select_parts(args.parts)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out is not None and not args.out.strip():  # `--out "$OUT"` where OUT is unset: not the current directory
+        print("error: --out is empty (on the GPU machine the device tool sets $OUT)", file=sys.stderr)
         return 2
     out_dir = Path(args.out).resolve() if args.out else None
     if out_dir is not None:

@@ -85,6 +85,12 @@ def test_an_unknown_part_is_one_line_and_exit_2(tmp_path, capsys, spec):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main(["--out", "", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: --out is empty") and not list(tmp_path.iterdir())
+
+
 def test_the_compiled_kernel_script_forces_the_kernels_and_reads_without_pytest():
     script = gpu_check.kernels_script()
     assert "CUDA OK" in script and "pytest" not in script
@@ -198,6 +204,13 @@ def test_report_tables_from_outcomes(tmp_path, monkeypatch):
     assert {"part": "stages_fp16", "item": "sft", "value": "1.2", "plan": "1.0", "ratio": "1.2"}.items() <= rows[2].items()
     assert rows[1]["item"] == "logprob (head float16)" and rows[1]["value"] == "triton" and rows[1]["ratio"] == "0.5"
     assert rows[-1]["status"] == "skipped" and rows[-1]["notes"] == "trl not importable"
+
+
+@pytest.mark.parametrize("value,digits,text", [(1020.17, 0, "1020"), (8000.0, 0, "8000"), (1.5, 3, "1.5"),
+                                               (0.25, 3, "0.25"), (1e-4, 3, "0.0001"), (-0.0, 4, "0"), (None, 3, "-"),
+                                               (12, 3, "12")])
+def test_numbers_in_the_report(value, digits, text):
+    assert gpu_check._fmt(value, digits) == text
 
 
 # ---------------------------------------------------------------------------------------------- self-checks
