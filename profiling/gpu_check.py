@@ -310,11 +310,12 @@ def render_md(outcomes: list[dict], meta: dict) -> str:
                               f"outputs checked){': ' + json.dumps(w['found']) if w['found'] else ''}."]
         if name == "packing" and r.get("rows"):
             lines += ["", "## packing: shared-prompt pairs vs two sequences", "",
-                      "| dtype | attention | log-prob rel err | LoRA grad rel err | y' change when y changes | tolerance | ok |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| dtype | attention | log-prob rel err | nats per token | LoRA grad rel err | y' change when y "
+                      "changes | tolerance | ok |", "|---|---|---|---|---|---|---|---|"]
             for x in r["rows"]:
-                lines.append(f"| {x['dtype']} | {x['attention']} | {x['logp_rel_err']:.2e} | {x['grad_rel_err']:.2e} | "
-                             f"{x['leak_rel_change']:.2e} | {x['tolerance']:.0e} | {x['ok']} |")
+                lines.append(f"| {x['dtype']} | {x['attention']} | {x['logp_rel_err']:.2e} | "
+                             f"{x['logp_nats_per_token']:.2e} | {x['grad_rel_err']:.2e} | {x['leak_rel_change']:.2e} | "
+                             f"{x['tolerance']:.0e} | {x['ok']} |")
         if name == "tiny_cuda" and r.get("compare"):
             lines += ["", f"## tiny_cuda: `{r['command']}` against the README's CPU table", "",
                       "| stage | metric | CUDA | CPU (README) | difference | tolerance | ok |", "|---|---|---|---|---|---|---|"]

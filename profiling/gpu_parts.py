@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +124,15 @@ def self_check_summary(reports: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
+SPEC_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+               "tie_word_embeddings", "max_position_embeddings")  # what build_inputs builds the model from
+
+
+def model_spec(shape) -> dict:
+    """The fields of a planner ModelShape that decide the model build_inputs makes (its marker records them)."""
+    return {name: getattr(shape, name) for name in SPEC_FIELDS}
+
+
 def model_dir_complete(model_dir: Path, spec: dict) -> bool:
     """Whether `model_dir` holds a finished build of `spec`: the marker (written last) names the same spec and
     every weight file with its size, and each safetensors file's header parses. A part killed while saving leaves
@@ -178,7 +186,7 @@ def build_inputs(work: Path = WORK, shape=None, rows: tuple[int, int] = (TRAIN_R
     shape = shape or KNOWN_SHAPES[ARCHITECTURE]
     work.mkdir(parents=True, exist_ok=True)
     done = {"removed_partial": remove_partial_builds(work), "built": False}
-    spec = {k: v for k, v in asdict(shape).items() if k != "source"}
+    spec = model_spec(shape)
     model_dir = work / "model"
     if not model_dir_complete(model_dir, spec):
         tmp = work / f".model.partial-{os.getpid()}"
@@ -414,10 +422,8 @@ def packing_parity(dtype: str, device: str = DEVICE, work: Path = WORK) -> dict:
     import torch
 
     from frugal_spin.config import LoraSection, ModelConfig
-    from frugal_spin.data import collate_sequences
-    from frugal_spin.logprobs import sequence_logprobs
     from frugal_spin.model import load_model, resolve_runtime
-    from frugal_spin.shared_prompt import attention_implementation, shared_prompt_logprobs
+    from frugal_spin.shared_prompt import attention_implementation, shared_prompt_logprobs, two_sequence_logprobs
 
     work.mkdir(parents=True, exist_ok=True)
     path = packing_model_dir(work)
@@ -432,13 +438,9 @@ def packing_parity(dtype: str, device: str = DEVICE, work: Path = WORK) -> dict:
     model.train()
     triples = _triples(0)
 
-    def apart(batch):
-        seqs = collate_sequences([(x, y) for x, y, _ in batch] + [(x, g) for x, _, g in batch], 0).to(runtime.device)
-        logps = sequence_logprobs(model, seqs.input_ids, seqs.attention_mask, seqs.response_mask, chunk_size=64)
-        return logps[:len(batch)], logps[len(batch):]
-
     results = []
-    for fn in (lambda: shared_prompt_logprobs(model, triples, 0, chunk_size=64), lambda: apart(triples)):
+    for fn in (lambda: shared_prompt_logprobs(model, triples, 0, chunk_size=64),
+               lambda: two_sequence_logprobs(model, triples, 0, chunk_size=64)):
         model.zero_grad(set_to_none=True)
         with runtime.autocast():
             real, gen = fn()
@@ -448,6 +450,10 @@ def packing_parity(dtype: str, device: str = DEVICE, work: Path = WORK) -> dict:
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()  # noqa: E731
     (p_real, p_gen, p_grads), (a_real, a_gen, a_grads) = results
     logp_err = max(rel(p_real, a_real), rel(p_gen, a_gen))
+    # The same difference in the unit of shared_prompt's probe (nats per scored token), to calibrate its half
+    # precision tolerance (HALF_PROBE_TOLERANCE_PER_TOKEN) on a GPU.
+    tokens = torch.tensor([[max(1, len(y)), max(1, len(g))] for _, y, g in triples], dtype=torch.float32)
+    per_token = (torch.stack([(p_real - a_real).abs().cpu(), (p_gen - a_gen).abs().cpu()], 1) / tokens).max().item()
     grad_err = max(rel(p_grads[n], a_grads[n]) for n in a_grads)
     # The real answers replaced by other tokens: the generated answers' log-probs must not move (y' never sees y).
     changed = [(x, [(t * 7 + 1) % 1000 + 3 for t in y], g) for x, y, g in triples]
@@ -457,7 +463,7 @@ def packing_parity(dtype: str, device: str = DEVICE, work: Path = WORK) -> dict:
     leak = rel(gen_changed.float(), gen_again.float())
     tolerance = PACKING_TOLERANCE[dtype]
     out = {"dtype": dtype, "attention": attention_implementation(model), "pairs": len(triples),
-           "logp_rel_err": logp_err, "grad_rel_err": grad_err, "leak_rel_change": leak, "tolerance": tolerance,
+           "logp_rel_err": logp_err, "logp_nats_per_token": per_token, "grad_rel_err": grad_err, "leak_rel_change": leak, "tolerance": tolerance,
            "base_weights": runtime.base_weights}
     out["ok"] = bool(logp_err <= tolerance and grad_err <= 10 * tolerance and leak <= tolerance)
     return out

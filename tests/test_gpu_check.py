@@ -279,7 +279,7 @@ def test_a_model_left_by_a_part_killed_while_saving_is_rebuilt(tmp_path):
     done = gpu_parts.build_inputs(work, shape, rows=(3, 2))
     assert done == {"removed_partial": [".model.partial-12345"], "built": True}
     assert not stale.exists() and sorted(p.name for p in work.iterdir()) == ["data.jsonl", "model"]
-    spec = {k: v for k, v in TINY_SHAPE.items()}
+    spec = gpu_parts.model_spec(shape)
     assert gpu_parts.model_dir_complete(work / "model", spec)
     from transformers import AutoModelForCausalLM
 
@@ -300,11 +300,12 @@ def test_a_weight_file_with_a_broken_header_is_not_complete(tmp_path):
 
     work = tmp_path / "work"
     gpu_parts.build_inputs(work, ModelShape(**TINY_SHAPE), rows=(1, 1))
+    assert gpu_parts.model_dir_complete(work / "model", gpu_parts.model_spec(ModelShape(**TINY_SHAPE)))
     weights = work / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:16] = b"{garbage"  # same size, unreadable header
     weights.write_bytes(bytes(data))
-    assert not gpu_parts.model_dir_complete(work / "model", dict(TINY_SHAPE))
+    assert gpu_parts.model_dir_complete(work / "model", gpu_parts.model_spec(ModelShape(**TINY_SHAPE))) is False
 
 
 # ---------------------------------------------------------------------------------------------- comparisons
