@@ -81,9 +81,12 @@ def report_main(argv: list[str]) -> int:
     from pathlib import Path
 
     from frugal_spin.report import render_report
+    from frugal_spin.rundir import require_run_dir
 
-    render_report(Path(args.run_dir))
-    print(Path(args.run_dir) / "report.md")
+    # report.md/json and the charts replace files of those names: only in a directory the tool owns.
+    run_dir = require_run_dir(Path(args.run_dir), "report")
+    render_report(run_dir)
+    print(run_dir / "report.md")
     return 0
 
 

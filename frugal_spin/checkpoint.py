@@ -20,13 +20,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from frugal_spin.io import read_safetensors, write_json, write_safetensors
+from frugal_spin.io import mkdtemp, read_safetensors, write_json, write_safetensors
 from frugal_spin.stages import file_digest
 
 TENSORS = "tensors.safetensors"
@@ -66,7 +65,7 @@ def save_checkpoint(ckpt_dir: Path, *, model, optimizer, scheduler, scaler, fing
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt_dir.name}.", dir=ckpt_dir.parent))
+    tmp = mkdtemp(prefix=f".{ckpt_dir.name}.", dir=ckpt_dir.parent)
     try:
         write_safetensors(tmp / TENSORS, tensors)
         write_json(tmp / STATE, {

@@ -57,7 +57,7 @@ from frugal_spin.comparison import (EQUAL_STEPS, EQUAL_TIME, equal_time_budget, 
 from frugal_spin.distributed import current as current_world
 from frugal_spin.pipeline import Run, absolute_progress, prepared_run_dir
 from frugal_spin.preflight import preflight
-from frugal_spin.rundir import check_output_dir, refuse_wrong_root
+from frugal_spin.rundir import check_output_dir, claim, own_directory, refuse_wrong_root
 from frugal_spin.profiler import StageMeter
 from frugal_spin.stages import StageStore, fingerprint
 from frugal_spin.threads import apply_threads
@@ -85,6 +85,8 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
     seed_recipes = [replace(recipe, seed=seed, output_dir=str(compare_dir / f"seed_{seed}")) for seed in seeds]
     for seed_recipe in seed_recipes:  # every seed directory is usable before the first one starts
         check_output_dir(Path(seed_recipe.output_dir), restart=False, allow_existing=False)
+    # compare/ holds comparison.md/json and the seed runs: the tool's own, or refused (rundir.own_directory).
+    own_directory(compare_dir, "compare", legacy=lambda d: any(d.glob("seed_*/stages/run_directory.json")))
     equal_time_steps: list[int] | None = None
     for i, (seed, seed_recipe) in enumerate(zip(seeds, seed_recipes)):
         ui.note(f"[bold]compare: seed {seed} ({i + 1}/{len(seeds)})[/bold]")
@@ -93,6 +95,7 @@ def run_compare(recipe: Recipe, command: str | None = None) -> Path:
         with ExitStack() as stack:
             # Rank 0 (the only process outside torchrun) opens the seed's directory and holds its lock.
             run_dir = world.write(stack.enter_context, prepared_run_dir(seed_recipe))
+            claim(run_dir, [*(arm for arm in loss_arms(recipe) if arm != "spin"), EQUAL_STEPS, EQUAL_TIME])
             run = Run(seed_recipe, run_dir, checked)
             run.execute()  # the SPIN arm; finished stages are skipped
             last = recipe.spin.iterations - 1

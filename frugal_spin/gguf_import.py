@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from frugal_spin.errors import UserError
@@ -61,7 +60,9 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
         return target
     require_gguf(what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    from frugal_spin.io import mkdtemp
+
+    tmp = mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)
     try:
         check = convert(gguf_path, tmp, what)
         import transformers

@@ -3,6 +3,10 @@
 Every writer writes a temporary file in the target's directory and renames it over the target, so a crash leaves
 either the old file or the new one, never a half-written file that a rerun would trust.
 
+Permissions: `tempfile.mkstemp`/`mkdtemp` create 0600/0700 entries whatever the umask; the temporaries here are
+given the mode a plain `open`/`mkdir` would have (0666/0777 less the umask) before they are renamed into place, so
+a user's umask 022 gives 0644/0755 outputs and 077 keeps them private (`mkstemp`, `mkdtemp` below).
+
 A full disk (ENOSPC, or a quota: EDQUOT) while writing is reported as one `UserError` line naming the file, the
 space the write needed and the space free there; the temporary file is removed, so a rerun after freeing space
 resumes from the last finished stage.
@@ -70,11 +74,39 @@ def raise_if_disk_full(exc: BaseException, path: Path, needed_bytes: int | None 
         raise DiskFullError(disk_full_message(path, needed_bytes)) from None
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere set and restored at once
+    (os.umask has no read-only form)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkstemp(prefix: str, suffix: str, dir: Path) -> tuple[int, str]:
+    """`tempfile.mkstemp`, with the file's mode a plain `open` would give it (0666 & ~umask), not 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def mkdtemp(prefix: str, dir: Path) -> Path:
+    """`tempfile.mkdtemp`, with the directory's mode a plain `mkdir` would give it (0777 & ~umask), not 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def _atomic(path: Path, write, needed_bytes: int | None = None) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise_if_disk_full(exc, path, needed_bytes)
         raise

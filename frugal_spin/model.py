@@ -22,7 +22,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -578,11 +577,11 @@ def save_adapter(model, adapter_dir: Path) -> None:
     adapter where a rerun would look for a finished one."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    from frugal_spin.io import raise_if_disk_full
+    from frugal_spin.io import mkdtemp, raise_if_disk_full
 
     needed = sum(p.numel() * p.element_size() for p in trainable_parameters(model))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+        tmp = mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent)
     except OSError as exc:
         raise_if_disk_full(exc, adapter_dir, needed)
         raise

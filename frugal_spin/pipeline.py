@@ -37,7 +37,7 @@ from frugal_spin.model import GENERATION_MERGED, GENERATION_UNMERGED, inference_
     load_model, resolve_base_path, resolve_runtime, save_adapter
 from frugal_spin.preflight import Checked, preflight
 from frugal_spin.profiler import StageMeter
-from frugal_spin.rundir import check_output_dir, open_run_dir
+from frugal_spin.rundir import check_output_dir, open_run_dir, run_entries
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_pairs
 from frugal_spin.shared_prompt import packs_pairs, pair_tokens, probe_packing, probe_triple
@@ -52,7 +52,7 @@ from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn
 def prepared_run_dir(recipe: Recipe, restart: bool = False, allow_existing: bool = False):
     """The run directory, locked for the block (rundir.py): an earlier run's outputs removed with `restart`, and
     `recipe.yaml` written. Call it only once every check has passed (preflight.py): this is where writing starts."""
-    with open_run_dir(Path(recipe.output_dir), restart, allow_existing) as run_dir:
+    with open_run_dir(Path(recipe.output_dir), restart, allow_existing, run_entries(recipe)) as run_dir:
         try:
             write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         except OSError as exc:
@@ -688,7 +688,7 @@ def run_recipe(recipe: Recipe, restart: bool = False, allow_existing: bool = Fal
     # Every check that can fail on a user mistake runs before the run directory is touched: first the
     # directory's own (read-only), then the model, tokenizer, LoRA targets and data (preflight.py).
     world = current_world()
-    check_output_dir(Path(recipe.output_dir), restart, allow_existing)
+    check_output_dir(Path(recipe.output_dir), restart, allow_existing, run_entries(recipe))
     checked = world.first(preflight, recipe)  # rank 0 fills the base's cache, the other ranks then read it
     with ExitStack() as stack:
         # Only rank 0 opens the directory and holds its lock for the whole run; a refusal there (another run

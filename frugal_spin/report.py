@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +409,9 @@ def _diagnostics_markdown(report: dict[str, Any]) -> list[str]:
 
 def _save_png(fig, path: Path) -> None:
     # Same temp-then-rename rule as frugal_spin.io, for a binary written by matplotlib.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from frugal_spin.io import mkstemp  # the umask's mode, not mkstemp's 0600
+
+    fd, tmp = mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)

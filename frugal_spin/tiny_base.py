@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from frugal_spin.errors import UserError
+from frugal_spin.io import mkdtemp
 from frugal_spin.tasks import arithmetic
 
 BUILD_INFO = "build_info.json"
@@ -370,7 +370,7 @@ def copy_tree(source: Path, target: Path, shown_as: Path | None = None) -> None:
 def _publish(target: Path, fill) -> None:
     """Run `fill(tmp)` in a temporary sibling of `target`, then rename it into place (never half-written)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)
     try:
         fill(tmp)
         if (target / BUILD_INFO).exists():
@@ -397,8 +397,8 @@ def rebuild(out_dir: Path = SHIPPED_DIR, spec: TinyBaseSpec | None = None, num_t
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_INFO).exists())):
         raise UserError(f"{out_dir} exists and is not a tiny-base build (no {BUILD_INFO}); not replacing it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    tmp = mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent)
+    old = mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent)
     try:
         build_tiny_base(tmp / "new", spec.seed, progress, spec, num_threads)
         if out_dir.exists():

@@ -5,6 +5,7 @@ process, and a holder killed with SIGKILL leaves a lock file that must not block
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def _one_error_line(result, message):
 def _fake_run_dir(path: Path) -> Path:
     """A run directory as the tool leaves it (identity file, markers, outputs), without running anything."""
     (path / "stages").mkdir(parents=True)
-    rundir.write_identity(path)
+    rundir.write_identity(path, ["recipe.yaml", "metrics.jsonl", "sft", "iter_0", "traces"])
     (path / "stages" / "setup.json").write_text('{"stage": "setup", "fingerprint": "abc"}\n')
     (path / "recipe.yaml").write_text("output_dir: x\n")
     (path / "metrics.jsonl").write_text('{"stage": "setup"}\n')
@@ -50,7 +51,7 @@ def _fake_run_dir(path: Path) -> Path:
     (path / "sft" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     (path / "iter_0").mkdir()
     (path / "iter_0" / "pairs.jsonl").write_text("{}\n")
-    (path / ".metrics.jsonl.abc123.tmp").write_text("left by a SIGKILL")
+    (path / ".metrics.jsonl.abc1_3x9.tmp").write_text("left by a SIGKILL")
     return path
 
 
@@ -83,7 +84,7 @@ def test_restart_deletes_exactly_what_a_run_writes_and_never_follows_a_link(tmp_
     (outside / "keep.txt").write_text("not the run's")
     (run / "traces").symlink_to(outside, target_is_directory=True)
     removed = rundir.delete_run_outputs(run)
-    assert sorted(removed) == [".metrics.jsonl.abc123.tmp", "iter_0", "metrics.jsonl", "recipe.yaml", "sft",
+    assert sorted(removed) == [".metrics.jsonl.abc1_3x9.tmp", "iter_0", "metrics.jsonl", "recipe.yaml", "sft",
                                "stages", "traces"]
     assert sorted(p.name for p in run.iterdir()) == ["data", "notes.txt"]
     assert (run / "data" / "precious.txt").read_text() == "mine too"
@@ -113,6 +114,10 @@ def test_a_non_empty_directory_that_is_no_run_directory_needs_the_explicit_flag(
     (user / "report.md").write_text("my report")
     with pytest.raises(UserError, match="not empty and is not a frugal_spin run directory.*--allow-existing-dir"):
         rundir.check_output_dir(user, restart=False, allow_existing=False)
+    # The user's report.md has a name the run writes: never replaced, even with the flag.
+    with pytest.raises(UserError, match="already holds report.md, which the run writes but frugal_spin did not"):
+        rundir.check_output_dir(user, restart=False, allow_existing=True)
+    (user / "report.md").rename(user / "my_report.md")
     rundir.check_output_dir(user, restart=False, allow_existing=True)
     with pytest.raises(UserError, match="--restart: .* is not a frugal_spin run directory"):
         rundir.check_output_dir(user, restart=True, allow_existing=True)
@@ -226,12 +231,176 @@ def test_restart_of_a_finished_run_keeps_the_users_own_files_and_runs_again(tmp_
     (run / "notes.txt").write_text("my notes")
     (run / "data").mkdir()
     (run / "data" / "precious.txt").write_text("years of work")
-    (run / "iter_7").mkdir()  # what a longer earlier run left: a run's entry, so restart removes it
+    rundir.claim(run, ["iter_7"])  # what a longer earlier run left: recorded as the tool's, so restart removes it
+    (run / "iter_7").mkdir()
     (run / "iter_7" / "pairs.jsonl").write_text("{}\n")
+    (run / "iter_8").mkdir()  # the same shape, but the user's: kept
     second = _cli(str(RECIPE), f"output_dir={run}", *TINY, "--restart", cwd=tmp_path, cache=small_base_cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (run / "notes.txt").read_text() == "my notes"
     assert (run / "data" / "precious.txt").read_text() == "years of work"
-    assert not (run / "iter_7").exists()
+    assert not (run / "iter_7").exists() and (run / "iter_8").is_dir()
     assert "sft: complete, skipped" not in second.stdout  # really started over
     assert rundir.is_run_dir(run)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 20: a
+# planted lock, a user's entries, links
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hardlink", "fifo"])
+def test_a_planted_lock_file_is_refused_and_its_target_never_truncated(tmp_path, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    run = _fake_run_dir(tmp_path / "run")
+    lock = run / rundir.LOCK_NAME
+    {"symlink": lambda: lock.symlink_to(victim), "hardlink": lambda: os.link(victim, lock),
+     "fifo": lambda: os.mkfifo(lock)}[planted]()
+    with pytest.raises(UserError, match=r"\.frugal_spin\.lock is (a symbolic link|a file with 2 hard links|not a "
+                                        r"regular file).*remove it"):
+        rundir.lock_run_dir(run)
+    assert victim.read_text() == "a user's file"
+
+
+def test_a_directory_holding_only_a_planted_lock_link_is_not_empty(tmp_path, small_base_cache):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / rundir.LOCK_NAME).symlink_to(victim)
+    with pytest.raises(UserError, match="is not empty and is not a frugal_spin run directory"):
+        rundir.check_output_dir(target, restart=False, allow_existing=False)
+    result = _cli(str(RECIPE), f"output_dir={target}", *TINY, "--allow-existing-dir", cwd=tmp_path,
+                  cache=small_base_cache)
+    _one_error_line(result, ".frugal_spin.lock is a symbolic link")
+    assert victim.read_text() == "a user's file"
+    assert [p.name for p in target.iterdir()] == [rundir.LOCK_NAME]
+
+
+@pytest.mark.parametrize("theirs", ["base", "eval", "traces", "report.md"])
+def test_allow_existing_dir_never_writes_into_or_replaces_a_projects_own_entry(tmp_path, small_base_cache, theirs):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    if "." in theirs:
+        (project / theirs).write_text("my own")
+    else:
+        (project / theirs).mkdir()
+        (project / theirs / "mine.txt").write_text("my own")
+    before = _tree(project)
+    result = _cli(str(RECIPE), f"output_dir={project}", *TINY, "--allow-existing-dir", cwd=tmp_path,
+                  cache=small_base_cache)
+    _one_error_line(result, f"already holds {theirs}, which the run writes but frugal_spin did not write there")
+    assert _tree(project) == before and sorted(p.name for p in project.iterdir()) == sorted(["notes.txt", theirs])
+
+
+def test_restart_deletes_only_the_entries_the_tool_recorded_writing(tmp_path, small_base_cache):
+    """A run with --allow-existing-dir in a project, then the user adds entries of the tool's shapes (spin_*,
+    iter_*, dot-files, a hidden file that looks like a temporary of a name the tool does not own): --restart keeps
+    every one of them and the project's own files."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "rows.jsonl").write_text("{}\n")
+    (project / ".git").mkdir()
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    first = _cli(str(RECIPE), f"output_dir={project}", *TINY, "--allow-existing-dir", cwd=tmp_path,
+                 cache=small_base_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    owned = json.loads((project / rundir.IDENTITY).read_text())["owned"]
+    assert "sft" in owned and "base" in owned and "data" not in owned and "iter_0" not in owned  # 0 iterations
+    users = {"spin_notes/a.txt": "mine", "iter_0/plan.txt": "mine", ".env": "SECRET=1", "tb/x": "mine",
+             ".notes.txt.abcdefgh.tmp": "mine", "my.metrics.jsonl": "mine"}
+    for rel, text in users.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    (project / ".metrics.jsonl.k2j4h6g8.tmp").write_text("a dead run's temporary")
+    second = _cli(str(RECIPE), f"output_dir={project}", *TINY, "--restart", cwd=tmp_path, cache=small_base_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for rel, text in users.items():
+        assert (project / rel).read_text() == text, rel
+    assert (project / "data" / "rows.jsonl").is_file() and (project / ".git" / "HEAD").is_file()
+    assert not (project / ".metrics.jsonl.k2j4h6g8.tmp").exists()
+    assert "sft: complete, skipped" not in second.stdout  # really started over
+
+
+def test_a_run_directory_of_the_previous_format_is_migrated(tmp_path):
+    """Identity file without `owned` (today's main): the entries that code writes count as the tool's."""
+    run = _fake_run_dir(tmp_path / "run")
+    identity = json.loads((run / rundir.IDENTITY).read_text())
+    del identity["owned"]
+    identity["format"] = 1
+    (run / rundir.IDENTITY).write_text(json.dumps(identity))
+    (run / "notes.txt").write_text("mine")
+    (run / ".hidden").write_text("mine")
+    assert rundir.owned_entries(run) == {"recipe.yaml", "metrics.jsonl", "sft", "iter_0", "stages"}
+    rundir.delete_run_outputs(run)
+    assert sorted(p.name for p in run.iterdir()) == [".hidden", "notes.txt"]
+
+
+def test_a_hand_edited_owned_list_never_reaches_outside_the_tools_names(tmp_path):
+    run = _fake_run_dir(tmp_path / "run")
+    (tmp_path / "precious").mkdir()
+    (run / "thesis").mkdir()
+    identity = json.loads((run / rundir.IDENTITY).read_text())
+    identity["owned"] += ["../precious", "thesis", "/etc", ".."]
+    (run / rundir.IDENTITY).write_text(json.dumps(identity))
+    rundir.delete_run_outputs(run)
+    assert (tmp_path / "precious").is_dir() and (run / "thesis").is_dir()
+
+
+@pytest.mark.parametrize("link", ["sft/adapter", "base", "sft"])
+def test_an_owned_entry_replaced_by_a_symlink_is_one_line_and_nothing_is_written_through_it(
+        tmp_path, small_base_cache, link):
+    run = tmp_path / "run"
+    first = _cli(str(RECIPE), f"output_dir={run}", *TINY, cwd=tmp_path, cache=small_base_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(run / link, elsewhere)
+    (run / link).symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(elsewhere)
+    result = _cli(str(RECIPE), f"output_dir={run}", *TINY, "sft.learning_rate=0.002", cwd=tmp_path,
+                  cache=small_base_cache)
+    _one_error_line(result, f"{link} is a symbolic link")
+    assert _tree(elsewhere) == before
+
+
+def test_report_writes_only_into_a_run_directory(tmp_path, capsys):
+    from frugal_spin.__main__ import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    (mine / "metrics.jsonl").write_text('{"stage": "setup", "metrics": {}, "wall_time_s": 1}\n')
+    assert main(["report", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: report: ") and "is not a frugal_spin run directory" in err and err.count("\n") == 1
+    assert (mine / "report.md").read_text() == "my own report"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl", "report.md"]
+
+
+def test_compare_writes_only_into_a_compare_directory_of_its_own(tmp_path):
+    users = tmp_path / "out" / "compare"
+    users.mkdir(parents=True)
+    (users / "comparison.md").write_text("my own comparison")
+    with pytest.raises(UserError, match="was not written by frugal_spin compare"):
+        rundir.own_directory(users, "compare")
+    assert [p.name for p in users.iterdir()] == ["comparison.md"]
+    fresh = tmp_path / "fresh" / "compare"
+    assert rundir.own_directory(fresh, "compare") == fresh and (fresh / rundir.OWNER_FILE).is_file()
+    rundir.own_directory(fresh, "compare")  # its own: taken again
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    from frugal_spin import io
+
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "a.txt", "x")
+        made = io.mkdtemp(prefix=".d.", dir=tmp_path)
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        assert made.stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        io.write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
