@@ -5,10 +5,14 @@ A checkpoint directory holds two plain files:
   (`optim.<param index>.<key>`), and the RNG states (`rng.torch`, `rng.cuda.<device>`);
 - `state.json`: the stage fingerprint, a digest of the micro-batch plan (the data order), the position in it,
   the progress so far (losses, metrics, counters), the optimizer's param groups and scalar state, the scheduler's
-  and the GradScaler's state dicts, Python's RNG state, and the SHA-256 of `tensors.safetensors`.
+  and the GradScaler's state dicts, Python's RNG state, the SHA-256 of `tensors.safetensors`, and `state_sha256`,
+  the SHA-256 of everything else in the file (`seal`).
 
-Nothing is pickled. A checkpoint is used only when its fingerprint and plan digest match the stage being run and
-its tensors file has the recorded hash; otherwise it is ignored with a warning. It is written to a temporary
+Nothing is pickled. A checkpoint is used only when its fingerprint and plan digest match the stage being run, its
+state.json still has the seal it was written with (an edited position, progress or optimizer setting is valid
+JSON but not the state the tensors belong to) and its tensors file has the recorded hash; otherwise it is ignored
+with a warning, and the stage starts from its beginning. A checkpoint written before the seal existed has none
+and is ignored the same way. It is written to a temporary
 directory and renamed into place; the previous checkpoint is kept as `<name>.prev` until the new one is in place,
 so a crash while saving leaves one complete checkpoint.
 """
@@ -30,6 +34,15 @@ from frugal_spin.stages import file_digest
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+
+
+SEAL = "state_sha256"
+
+
+def seal(state: dict[str, Any]) -> str:
+    """SHA-256 of a state dict's canonical JSON, without its own seal."""
+    body = {k: v for k, v in state.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def plan_digest(micro_batches: list[list[int]]) -> str:
@@ -68,7 +81,7 @@ def save_checkpoint(ckpt_dir: Path, *, model, optimizer, scheduler, scaler, fing
     tmp = mkdtemp(prefix=f".{ckpt_dir.name}.", dir=ckpt_dir.parent)
     try:
         write_safetensors(tmp / TENSORS, tensors)
-        write_json(tmp / STATE, {
+        state = {
             "fingerprint": fingerprint, "plan": plan, "next_micro_batch": next_micro_batch,
             "progress": _jsonable(progress),
             "optimizer": {"param_groups": _jsonable(optim_state["param_groups"]), "scalars": optim_scalars},
@@ -76,7 +89,10 @@ def save_checkpoint(ckpt_dir: Path, *, model, optimizer, scheduler, scaler, fing
             "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
             "python_rng": _jsonable(random.getstate()),
             "tensors_sha256": file_digest(tmp / TENSORS)["sha256"],
-        })
+        }
+        # The seal is taken over the state as it reads back from JSON (floats and tuples round-trip as written).
+        state = json.loads(json.dumps(state))
+        write_json(tmp / STATE, {**state, SEAL: seal(state)})
         previous = ckpt_dir.with_name(ckpt_dir.name + ".prev")
         if ckpt_dir.exists():
             if previous.exists():
@@ -101,6 +117,10 @@ def find_checkpoint(ckpt_dir: Path, *, fingerprint: str, plan: str) -> tuple[Pat
             state = json.loads((candidate / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             warn(f"{candidate}: unreadable checkpoint state; ignoring it")
+            continue
+        if not isinstance(state, dict) or state.get(SEAL) != seal(state):
+            warn(f"{candidate}: checkpoint state.json was changed after it was written (or predates sealed "
+                 f"checkpoints); ignoring it")
             continue
         if state.get("fingerprint") != fingerprint or state.get("plan") != plan:
             warn(f"{candidate}: checkpoint of another recipe or data order; ignoring it")

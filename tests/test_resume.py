@@ -84,6 +84,30 @@ def test_a_corrupt_or_foreign_checkpoint_is_ignored_with_a_warning(tmp_path, cap
     assert not ckpt.exists()
 
 
+@pytest.mark.parametrize("edit", [
+    lambda state: state.update(next_micro_batch=state["next_micro_batch"] + 2),  # skips data
+    lambda state: state["progress"].update(optimizer_steps=0),
+    lambda state: state["optimizer"]["param_groups"][0].update(lr=1.0),
+    lambda state: state.pop("state_sha256"),  # as a checkpoint written before the seal
+], ids=["position", "progress", "learning_rate", "no_seal"])
+def test_an_edited_but_valid_checkpoint_state_is_ignored_with_a_warning(tmp_path, capsys, edit):
+    """state.json is JSON a hand (or another tool) can change and keep valid: its seal must match, else the stage
+    starts from its beginning, exactly as with no checkpoint."""
+    examples = _examples()
+    with pytest.raises(Interrupt):
+        _train(_model(), examples, tmp_path, stop_at_micro_batch=7)
+    ckpt = tmp_path / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert find_checkpoint(ckpt, fingerprint="fp", plan=state["plan"]) is not None  # intact: used
+    edit(state)
+    (ckpt / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert find_checkpoint(ckpt, fingerprint="fp", plan=state["plan"]) is None
+    assert "checkpoint state.json was changed after it was written" in capsys.readouterr().err
+    result = _train(_model(), examples, tmp_path)
+    assert result.losses == pytest.approx(_train(_model(), examples, tmp_path / "ref").losses, abs=1e-6)
+
+
 class _InfiniteGradient(torch.autograd.Function):
     """Identity forward; infinite gradient backward: a finite loss whose gradients are not."""
 
