@@ -4,7 +4,12 @@ Used by the commands that work on a run after it trained (`export`, `sample`); t
 Stage names are the user's: `sft`, `iter_<t>` (the player after SPIN iteration t), `last` (the latest of those
 that finished) and, for `sample` only, `base` (no adapter). A stage counts as finished when its completion
 marker (`stages/sft.json`, `stages/iter_<t>.train.json`) exists and its adapter files still have the SHA-256 the
-marker recorded: a half-written or altered adapter is never exported or sampled.
+marker recorded: a half-written or altered adapter is never exported or sampled, and naming it (or `last`, when
+it is the latest) is one error line naming the adapter, never a quiet fall back to an earlier stage.
+
+What a run directory holds is data, never an instruction: `model.trust_remote_code: true` in its recipe.yaml is
+honoured only when the command line says `--trust-remote-code` (else one error line), and the base is used only
+if its files are the ones the run recorded at setup (base_weights.check_base_unchanged).
 """
 
 from __future__ import annotations
@@ -28,16 +33,29 @@ class FinishedStage:
     adapter_dir: Path
     train_record: dict[str, Any]  # the training stage's marker
     eval_record: dict[str, Any] | None  # the stage's evaluation marker, when the evaluation finished
+    problem: str | None = None  # why the adapter cannot be used (missing, or not the one the stage recorded)
+
+    def usable(self) -> "FinishedStage":
+        if self.problem:
+            raise UserError(f"stage {self.name}: its adapter {self.adapter_dir} {self.problem}; not using it, nor "
+                            f"another stage in its place (export or sample an intact stage by name, or retrain)")
+        return self
 
 
-def open_run(run_dir: str | Path) -> tuple[Path, Recipe]:
-    """The run directory and its resolved recipe (`recipe.yaml`, written by the run itself)."""
+def open_run(run_dir: str | Path, trust_remote_code: bool = False, what: str = "export") -> tuple[Path, Recipe]:
+    """The run directory and its resolved recipe (`recipe.yaml`, written by the run itself). The recipe's
+    `model.trust_remote_code` is honoured only when the caller's own command line passed `trust_remote_code`."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"{run_dir} is not a frugal_spin run directory (no recipe.yaml)")
-    return run_dir, load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise UserError(f"{run_dir / 'recipe.yaml'} sets model.trust_remote_code: true, so loading its model runs "
+                        f"Python code shipped with the model; {what} does that only when you pass "
+                        f"--trust-remote-code (a file being read never grants it)")
+    return run_dir, recipe
 
 
 def base_path(run_dir: Path, recipe: Recipe) -> str:
@@ -51,6 +69,16 @@ def base_path(run_dir: Path, recipe: Recipe) -> str:
     from frugal_spin.model import resolve_base_path
 
     return resolve_base_path(recipe.model, run_dir)  # hub ids, local and GGUF models: where the run loaded it from
+
+
+def checked_base_path(run_dir: Path, recipe: Recipe, what: str) -> str:
+    """`base_path`, refused (one line) when its files are not the ones the run recorded at setup."""
+    from frugal_spin.base_weights import check_base_unchanged
+
+    base = base_path(run_dir, recipe)
+    if Path(base).is_dir():  # a hub id: the run pinned its commit (not re-checked here)
+        check_base_unchanged(Path(base), run_dir, what)
+    return base
 
 
 def _marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
@@ -69,7 +97,8 @@ def _eval_stage(name: str) -> str:
 
 
 def finished_stages(run_dir: Path) -> list[FinishedStage]:
-    """Every stage with an intact adapter, in pipeline order (sft, iter_0, iter_1, ...)."""
+    """Every stage whose training finished (its marker exists), in pipeline order (sft, iter_0, iter_1, ...); one
+    whose adapter is missing or differs from the marker's SHA-256 carries `problem`."""
     from frugal_spin.stages import file_digest
 
     iterations = sorted(int(m.group(1)) for p in (run_dir / "stages").glob("iter_*.train.json")
@@ -77,13 +106,16 @@ def finished_stages(run_dir: Path) -> list[FinishedStage]:
     out = []
     for name in ["sft", *[f"iter_{t}" for t in iterations]]:
         record = _marker(run_dir, _training_stage(name))
-        adapter_dir = run_dir / name / "adapter"
-        if record is None or not adapter_dir.is_dir():
+        if record is None:
             continue
+        adapter_dir = run_dir / name / "adapter"
         recorded = (record.get("outputs") or {}).get(f"{name}/adapter", {})
-        if recorded.get("sha256") != file_digest(adapter_dir)["sha256"]:
-            continue  # changed after its stage finished: not what the run trained
-        out.append(FinishedStage(name, adapter_dir, record, _marker(run_dir, _eval_stage(name))))
+        problem = None
+        if not adapter_dir.is_dir():
+            problem = "is missing"
+        elif recorded.get("sha256") != file_digest(adapter_dir)["sha256"]:
+            problem = "differs from the one its stage recorded (corrupted or changed after training)"
+        out.append(FinishedStage(name, adapter_dir, record, _marker(run_dir, _eval_stage(name)), problem))
     return out
 
 
@@ -96,9 +128,9 @@ def resolve_stage(run_dir: Path, name: str, stages: list[FinishedStage] | None =
     if not stages:
         raise UserError(f"{run_dir} has no finished training stage yet (not even sft)")
     if name == "last":
-        return stages[-1]
+        return stages[-1].usable()
     for stage in stages:
         if stage.name == name:
-            return stage
+            return stage.usable()
     raise UserError(f"stage {name} has not finished in {run_dir} (finished: "
                     f"{', '.join(s.name for s in stages)})")
