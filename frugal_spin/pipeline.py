@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from frugal_spin import ui
+from frugal_spin.base_weights import note_base_files
 from frugal_spin.checkpoint import remove_checkpoint
 from frugal_spin.config import BUILTIN_DATASET, BUILTIN_MODEL, Recipe, TrainConfig, dump_recipe
 from frugal_spin.data import Encoded
@@ -120,6 +121,8 @@ class Run:
             self.base_fp = fingerprint(r.model.name, _base_identity(Path(base_path), self.run_dir, revision),
                                        r.model.load_in_4bit, asdict(r.lora), self.runtime.base_weights,
                                        *_packing_identity(self.packing))
+            if revision is None and Path(base_path).is_dir():  # what export/sample check the base against
+                self.world.write(note_base_files, Path(base_path), self.run_dir, f"model.name {r.model.name}")
             # The token ids themselves identify the data (a hub dataset's new commit or an edited local file
             # changes them); the dataset commit is recorded and fingerprinted too.
             self.data_fp = fingerprint(asdict(r.data), r.seed, self.base_fp, splits.revision,
@@ -673,13 +676,14 @@ def _examples_digest(examples: list[Encoded]) -> str:
 def verified_base_copy(copy: Path, source: Path, run_dir: Path, recopy) -> str:
     """The run's copy of the built-in base, checked against the cache build it was copied from; a truncated or
     altered copy is replaced (with a warning), never loaded or mixed with stages computed from the original."""
-    from frugal_spin.base_weights import weights_digest
+    from frugal_spin.base_weights import copy_differences
 
-    memo = run_dir / "stages" / "weights_digest.json"
-    if weights_digest(copy, memo) == weights_digest(source, memo):
+    # Every file that decides the model (config, tokenizer, chat template, weights), not only the weights.
+    changed = copy_differences(copy, source, run_dir / "stages" / "weights_digest.json")
+    if not changed:
         return str(copy)
-    ui.warn(f"{copy.name}/ differs from the built base it was copied from (its weights were changed or cut "
-            f"short); copying it again")
+    ui.warn(f"{copy.name}/ differs from the built base it was copied from ({', '.join(changed[:4])} changed, "
+            f"added or cut short); copying it again")
     shutil.rmtree(copy)
     return str(recopy())
 

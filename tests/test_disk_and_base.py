@@ -125,3 +125,44 @@ def test_the_base_identity_hashes_the_weights_once_and_sees_a_change(tmp_path, m
     weights.write_bytes(bytes(data))
     assert _base_identity(model, run) != first  # so no stage computed from the old weights is reused
     assert hashed == ["model.safetensors", "model.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer_config.json", "added_file.py"])
+def test_an_altered_config_or_tokenizer_of_the_base_copy_is_seen_and_copied_again(cli, tmp_path, damage):
+    """Not only the weights: config, tokenizer files and code decide the model too (main used them unseen)."""
+    import json
+
+    run = tmp_path / "run"
+    code, out, err = cli(run, "spin.iterations=0")
+    assert code == 0, err[-3000:]
+    path = run / "base" / damage
+    original = path.read_bytes() if path.exists() else None
+    if damage == "added_file.py":
+        path.write_text("print('not the built base')\n")
+    else:
+        data = json.loads(path.read_text())
+        data["rms_norm_eps" if damage == "config.json" else "model_max_length"] = 7  # valid, loads, other model
+        path.write_text(json.dumps(data))
+    code, out, err = cli(run, "spin.iterations=0")
+    assert code == 0, err[-3000:]
+    assert f"base/ differs from the built base it was copied from ({damage} changed" in err
+    assert (path.read_bytes() if path.exists() else None) == original
+    assert "sft: complete, skipped" in out  # the stages were computed from the original: still valid
+
+
+def test_a_changed_config_of_a_local_base_is_named_when_the_run_resumes(cli, tmp_path, small_base_cache):
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(next(small_base_cache.glob("tiny-llama-*")), model)
+    run = tmp_path / "run"
+    code, out, err = cli(run, f"model.name={model}", "spin.iterations=0")
+    assert code == 0, err[-3000:]
+    assert json.loads((run / "stages" / "base_files.json").read_text())["files"]["config.json"]
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+    code, out, err = cli(run, f"model.name={model}", "spin.iterations=0")
+    assert code == 0, err[-3000:]
+    assert f"model.name {model}: config.json changed since this run directory last used it" in err
+    assert "sft: complete, skipped" not in out  # the other model's stages are recomputed, and said why
