@@ -60,11 +60,12 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
         return target
     require_gguf(what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    from frugal_spin.io import mkdtemp
+    from frugal_spin.io import apply_umask, mkdtemp
 
     tmp = mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)
     try:
         check = convert(gguf_path, tmp, what)
+        apply_umask(tmp)  # safetensors writes 0600 whatever the umask
         import transformers
 
         # Written last: its presence marks the directory complete.

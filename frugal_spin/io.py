@@ -3,9 +3,11 @@
 Every writer writes a temporary file in the target's directory and renames it over the target, so a crash leaves
 either the old file or the new one, never a half-written file that a rerun would trust.
 
-Permissions: `tempfile.mkstemp`/`mkdtemp` create 0600/0700 entries whatever the umask; the temporaries here are
-given the mode a plain `open`/`mkdir` would have (0666/0777 less the umask) before they are renamed into place, so
-a user's umask 022 gives 0644/0755 outputs and 077 keeps them private (`mkstemp`, `mkdtemp` below).
+Permissions: `tempfile.mkstemp`/`mkdtemp` create 0600/0700 entries whatever the umask, and so does safetensors'
+writer (0600); the outputs here are given the mode a plain `open`/`mkdir` would have (0666/0777 less the umask)
+before they are renamed into place, so a user's umask 022 gives 0644/0755 outputs and 077 keeps them private
+(`mkstemp`, `mkdtemp`, `apply_umask` below; directories filled by a library's `save_pretrained` get
+`apply_umask` before they are renamed into place).
 
 A full disk (ENOSPC, or a quota: EDQUOT) while writing is reported as one `UserError` line naming the file, the
 space the write needed and the space free there; the temporary file is removed, so a rerun after freeing space
@@ -102,6 +104,18 @@ def mkdtemp(prefix: str, dir: Path) -> Path:
     return tmp
 
 
+def apply_umask(path: Path) -> None:
+    """Give `path` (and, for a directory, everything under it; links are left alone) the mode a plain
+    `open`/`mkdir` would have given it: libraries and tempfile create 0600/0700 whatever the umask."""
+    mask = current_umask()
+    path = Path(path)
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def _atomic(path: Path, write, needed_bytes: int | None = None) -> None:
     path = Path(path)
     try:
@@ -113,6 +127,7 @@ def _atomic(path: Path, write, needed_bytes: int | None = None) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # a library's writer may have recreated it 0600 (safetensors)
         os.replace(tmp, path)
     except Exception as exc:
         raise_if_disk_full(exc, path, needed_bytes)

@@ -577,7 +577,7 @@ def save_adapter(model, adapter_dir: Path) -> None:
     adapter where a rerun would look for a finished one."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    from frugal_spin.io import mkdtemp, raise_if_disk_full
+    from frugal_spin.io import apply_umask, mkdtemp, raise_if_disk_full
 
     needed = sum(p.numel() * p.element_size() for p in trainable_parameters(model))
     try:
@@ -587,6 +587,7 @@ def save_adapter(model, adapter_dir: Path) -> None:
         raise
     try:
         model.save_pretrained(str(tmp))
+        apply_umask(tmp)  # safetensors writes 0600 whatever the umask
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)

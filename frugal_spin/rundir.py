@@ -372,7 +372,7 @@ class RunDirLock:
                 raise
             self.uses_flock = False  # e.g. some network and FUSE filesystems: fall back to the recorded pid
             holder = _read_holder(fd)
-            if holder and _alive(holder) and holder.get("pid") != os.getpid():
+            if holder and holder_alive(holder) and holder.get("pid") != os.getpid():
                 os.close(fd)
                 raise UserError(f"output_dir {self.run_dir} is in use by another frugal_spin run "
                                 f"({_describe(holder)}); wait for it to finish or use another output_dir") from None
@@ -417,7 +417,8 @@ def _read_holder(fd: int) -> dict | None:
         return None
 
 
-def _alive(holder: dict) -> bool:
+def holder_alive(holder: dict) -> bool:
+    """Whether the process a lock or mark names ({"pid", "host"}) may still run (another host's: assumed not)."""
     if holder.get("host") not in (None, socket.gethostname()):
         return False  # another machine's pid cannot be checked from here; its lock would be a flock one
     pid = holder.get("pid")

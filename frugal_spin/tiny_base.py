@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from frugal_spin.errors import UserError
-from frugal_spin.io import mkdtemp
+from frugal_spin.io import apply_umask, mkdtemp
 from frugal_spin.tasks import arithmetic
 
 BUILD_INFO = "build_info.json"
@@ -373,6 +373,7 @@ def _publish(target: Path, fill) -> None:
     tmp = mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)
     try:
         fill(tmp)
+        apply_umask(tmp)  # save_pretrained's safetensors (and copies of them) are 0600 whatever the umask
         if (target / BUILD_INFO).exists():
             return  # another process published a complete copy while we were building: keep theirs
         if target.exists():
@@ -401,6 +402,7 @@ def rebuild(out_dir: Path = SHIPPED_DIR, spec: TinyBaseSpec | None = None, num_t
     old = mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent)
     try:
         build_tiny_base(tmp / "new", spec.seed, progress, spec, num_threads)
+        apply_umask(tmp / "new")
         if out_dir.exists():
             os.replace(out_dir, old / "previous")
         os.replace(tmp / "new", out_dir)

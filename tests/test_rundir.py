@@ -306,6 +306,10 @@ def test_restart_deletes_only_the_entries_the_tool_recorded_writing(tmp_path, sm
     first = _cli(str(RECIPE), f"output_dir={project}", *TINY, "--allow-existing-dir", cwd=tmp_path,
                  cache=small_base_cache)
     assert first.returncode == 0, first.stderr[-3000:]
+    mask = os.umask(0o022)
+    os.umask(mask)  # the run's files have the modes open/mkdir give under the umask (not mkstemp's or safetensors' 0600)
+    assert {p.stat().st_mode & 0o777 for p in project.rglob("*") if p.is_file()} == {0o666 & ~mask}
+    assert {p.stat().st_mode & 0o777 for p in project.rglob("*") if p.is_dir()} == {0o777 & ~mask}
     owned = json.loads((project / rundir.IDENTITY).read_text())["owned"]
     assert "sft" in owned and "base" in owned and "data" not in owned and "iter_0" not in owned  # 0 iterations
     users = {"spin_notes/a.txt": "mine", "iter_0/plan.txt": "mine", ".env": "SECRET=1", "tb/x": "mine",
