@@ -282,9 +282,7 @@ def claim(run_dir: Path, names: Iterable[str]) -> None:
 def require_run_dir(path: Path, what: str) -> Path:
     """A command that writes into an existing run directory (`report`) refuses any other directory."""
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"{what}: run directory not found: {path}")
-    if not is_run_dir(path):
+    if path.is_dir() and not is_run_dir(path):  # a missing path or a file: the command's own reader says so
         raise UserError(f"{what}: {path} is not a frugal_spin run directory (no {IDENTITY}); not writing into it")
     return path
 
@@ -458,6 +456,7 @@ def open_run_dir(run_dir: Path, restart: bool = False, allow_existing: bool = Fa
         lock = lock_run_dir(run_dir)
     except OSError as exc:
         raise UserError(f"output_dir {run_dir} is not writable: {exc.strerror or exc}") from None
+    claimed = False
     try:
         # Another process may have written into the directory between the first check and the lock.
         check_output_dir(run_dir, restart, allow_existing, entries)
@@ -467,10 +466,12 @@ def open_run_dir(run_dir: Path, restart: bool = False, allow_existing: bool = Fa
             for leftover in dead_temporaries(run_dir, owned_entries(run_dir)):
                 _remove(leftover)
         write_identity(run_dir, entries)
+        claimed = True
         yield run_dir
     finally:
         try:
-            write_identity(run_dir)  # drops the claimed names the run did not create
+            if claimed:
+                write_identity(run_dir)  # drops the claimed names the run did not create
         except (OSError, UserError):
             pass  # e.g. the disk filled up: the claims stay, which only keeps more names the tool's
         lock.release()

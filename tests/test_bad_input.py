@@ -131,7 +131,7 @@ def world(tmp_path, monkeypatch, small_base_cache):
     monkeypatch.chdir(cwd)
     run = tmp_path / "run"
     (run / "stages").mkdir(parents=True)
-    rundir.write_identity(run)
+    rundir.write_identity(run, ["recipe.yaml", "metrics.jsonl", "report.md", "sft", "stages"])  # what it wrote
     (run / "recipe.yaml").write_text("output_dir: earlier\n")
     (run / "stages" / "sft.json").write_text('{"stage": "sft"}\n')
     (run / "metrics.jsonl").write_text('{"stage": "sft"}\n')

@@ -3,6 +3,7 @@ resumes; the run's copy of the base is checked against its source (truncated or 
 base's weights are hashed into its identity once (then remembered by size and mtime)."""
 
 import errno
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -141,7 +142,10 @@ def test_an_altered_config_or_tokenizer_of_the_base_copy_is_seen_and_copied_agai
         path.write_text("print('not the built base')\n")
     else:
         data = json.loads(path.read_text())
-        data["rms_norm_eps" if damage == "config.json" else "model_max_length"] = 7  # valid, loads, other model
+        if damage == "config.json":
+            data["rms_norm_eps"] = 0.5  # valid, loads, and gives another model
+        else:
+            data["model_max_length"] = 7
         path.write_text(json.dumps(data))
     code, out, err = cli(run, "spin.iterations=0")
     assert code == 0, err[-3000:]
@@ -158,7 +162,6 @@ def test_a_changed_config_of_a_local_base_is_named_when_the_run_resumes(cli, tmp
     run = tmp_path / "run"
     code, out, err = cli(run, f"model.name={model}", "spin.iterations=0")
     assert code == 0, err[-3000:]
-    assert json.loads((run / "stages" / "base_files.json").read_text())["files"]["config.json"]
     config = json.loads((model / "config.json").read_text())
     config["rms_norm_eps"] = 0.5
     (model / "config.json").write_text(json.dumps(config))
@@ -166,3 +169,5 @@ def test_a_changed_config_of_a_local_base_is_named_when_the_run_resumes(cli, tmp
     assert code == 0, err[-3000:]
     assert f"model.name {model}: config.json changed since this run directory last used it" in err
     assert "sft: complete, skipped" not in out  # the other model's stages are recomputed, and said why
+    recorded = json.loads((run / "stages" / "base_files.json").read_text())["files"]
+    assert recorded["config.json"] == hashlib.sha256((model / "config.json").read_bytes()).hexdigest()

@@ -107,14 +107,15 @@ def test_an_earlier_export_is_replaced_and_an_empty_directory_used(finished_run,
     out = tmp_path / "out"
     out.mkdir()  # empty: fine
     export_stage(finished_run, out, stage="sft")
-    info = json.loads((out / "export_info.json").read_text())
-    assert info["stage"] == "sft" and sorted(info["entries"]) == sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.iterdir())
     (out / "notes.txt").write_text("the user's, added after the first export")
     assert main(["export", str(finished_run), "--stage", "iter_0", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: OUT_DIR {out} is an earlier export, but notes.txt in it was not written by") \
         and err.count("\n") == 1, err
     assert (out / "notes.txt").read_text() == "the user's, added after the first export"
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["stage"] == "sft" and sorted(info["entries"]) == written
     (out / "notes.txt").unlink()
     export_stage(finished_run, out, stage="iter_0")
     assert json.loads((out / "export_info.json").read_text())["stage"] == "iter_0"
@@ -218,20 +219,23 @@ def test_a_corrupted_last_adapter_is_an_error_naming_it_never_a_quiet_fall_back(
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_the_earlier_export(finished_run, tmp_path, capsys,
                                                                              monkeypatch):
-    import errno
-
-    from transformers import PreTrainedModel
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
 
     out = tmp_path / "out"
     export_stage(finished_run, out, stage="sft")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    real = PreTrainedModel.save_pretrained
+    real = transformers.modeling_utils.safe_save_file
 
-    def fills_the_disk(self, directory, *args, **kwargs):
-        real(self, directory, *args, **kwargs)  # half the export is written...
-        raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk is full
+    def fills_the_disk(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # half the weights are written...
+            f.truncate(f.seek(0, 2) // 2)
+        # ...then the disk is full: what safetensors' Rust writer raises (not an OSError)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fills_the_disk)
     assert main(["export", str(finished_run), "--stage", "iter_0", str(out)]) == 2
     line = _one_line(capsys, f"error: no space left on device writing {out} (the export needs about ")
     assert "nothing was replaced" in line
