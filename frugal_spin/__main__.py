@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "only in a frugal_spin run directory, and other files there are kept")
     parser.add_argument("--allow-existing-dir", action="store_true",
                         help="write the run into an existing non-empty directory that is not a run directory "
-                             "(files with the names a run writes, e.g. report.md, are replaced)")
+                             "(an entry there with a name the run writes, e.g. report.md or base/, is refused, "
+                             "never replaced)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe and print the resolved plan without loading weights or data")
     return parser
