@@ -255,13 +255,14 @@ def delete_run_outputs(run_dir: Path) -> list[str]:
     return sorted(removed)
 
 
-def write_identity(run_dir: Path, owned: Iterable[str] = ()) -> None:
-    """Write (or rewrite) the identity file with the owned names that exist plus `owned` (about to be written)."""
+def write_identity(run_dir: Path, owned: Iterable[str] = (), prune: bool = False) -> None:
+    """Write (or rewrite) the identity file: the owned names plus `owned` (about to be written); `prune` drops the
+    owned names that do not exist (a run's claims it did not use, once it ends)."""
     from frugal_spin.io import write_json
 
     run_dir = Path(run_dir)
     previous = _read_identity(run_dir) or {}
-    names = {n for n in owned_entries(run_dir) if os.path.lexists(run_dir / n)} | set(owned) | {"stages"}
+    names = {n for n in owned_entries(run_dir) if not prune or os.path.lexists(run_dir / n)} | set(owned) | {"stages"}
     write_json(run_dir / IDENTITY, {
         "tool": "frugal_spin", "format": IDENTITY_FORMAT,
         "created": previous.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -465,13 +466,13 @@ def open_run_dir(run_dir: Path, restart: bool = False, allow_existing: bool = Fa
         else:  # under the lock no live run writes here: temporaries of owned names are a dead run's
             for leftover in dead_temporaries(run_dir, owned_entries(run_dir)):
                 _remove(leftover)
-        write_identity(run_dir, entries)
+        write_identity(run_dir, entries, prune=True)  # a killed run's unused claims go, this run's are added
         claimed = True
         yield run_dir
     finally:
         try:
             if claimed:
-                write_identity(run_dir)  # drops the claimed names the run did not create
+                write_identity(run_dir, prune=True)  # drops the claimed names the run did not create
         except (OSError, UserError):
             pass  # e.g. the disk filled up: the claims stay, which only keeps more names the tool's
         lock.release()

@@ -408,3 +408,17 @@ def test_outputs_respect_the_umask(tmp_path):
         assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_claims_are_kept_until_the_run_ends_and_then_only_what_it_created(tmp_path):
+    """compare claims its arms inside an open run directory: the run's own claims must survive that, and only the
+    claims the run did not use are dropped at the end."""
+    run = tmp_path / "run"
+    with rundir.open_run_dir(run, entries=["recipe.yaml", "metrics.jsonl", "stages", "traces"]):
+        rundir.claim(run, ["sft_equal_steps", "sft_equal_time"])
+        (run / "metrics.jsonl").write_text("{}\n")  # written after the claim
+        (run / "sft_equal_steps").mkdir()
+        assert {"metrics.jsonl", "traces", "sft_equal_time"} <= rundir.owned_entries(run)
+    assert rundir.owned_entries(run) == {"metrics.jsonl", "sft_equal_steps", "stages"}
+    (run / "traces").mkdir()  # the user's, after the run: not the tool's
+    assert "traces" not in rundir.owned_entries(run)
