@@ -80,6 +80,8 @@ def _identity_name(name: str) -> bool:
 def base_files(model_dir: Path, memo_path: Path, write_memo: bool = True) -> dict[str, str]:
     """name -> SHA-256 of every file that decides what `model_dir` loads as (module docstring)."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():  # a hub id stands for the base: nothing local to hash (as weights_digest)
+        return {}
     small = sorted(p for p in model_dir.iterdir() if p.is_file() and _identity_name(p.name)
                    and not any(p.match(pattern) for pattern in WEIGHT_PATTERNS))
     return {**{p.name: _sha256(p) for p in small}, **_weight_hashes(model_dir, memo_path, write_memo)}
