@@ -92,7 +92,9 @@ def _replace_dir(new: Path, target: Path) -> None:
     only this module writes) is first renamed aside, so `target` is never a mix of the two, then removed."""
     stale = None
     if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+        from frugal_spin.io import mkdtemp
+
+        stale = mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent)
         os.replace(target, stale / "old")
     os.replace(new, target)
     if stale is not None:
