@@ -181,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return 2
     except OSError as exc:
+        import errno
+
         from frugal_spin.io import disk_full_message, is_disk_full
 
+        if exc.errno == errno.ENAMETOOLONG:  # a path from the command line the checks did not see (export, sample)
+            from frugal_spin.config import short
+
+            print(f"error: a path is too long for the filesystem: {short(str(exc.filename))}", file=sys.stderr)
+            return 2
         if not is_disk_full(exc):
             raise
         # A full disk anywhere else (a library's own write): one line with the file when the error names it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import reprlib
 import types
@@ -308,6 +309,8 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        for key in PATH_KEYS:  # first: the sections' own checks already look at some of these paths
+            check_path_text(key, _dotted(self, key))
         if not self.output_dir.strip():
             raise UserError("output_dir is empty")
         self.model.validate()
@@ -324,6 +327,40 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Recipe values that name files or directories (model.name and data.dataset may also be hub ids or built-ins, which
+# pass the same checks).
+PATH_KEYS = ("output_dir", "model.name", "model.gguf_file", "data.dataset", "compare.lm_eval_include_path")
+# Longest file name (one path component) and whole path, in bytes: Linux's NAME_MAX and PATH_MAX (macOS: 255 and
+# 1024, Windows 255 characters); longer ones fail in the first system call with ENAMETOOLONG.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def check_path_text(key: str, text: str) -> None:
+    """A path a user gave (recipe value, override, command-line argument) that no filesystem can hold is one
+    `UserError` naming `key`, before any file is looked at: a NUL character (Python's path calls raise
+    "embedded null byte"), a name longer than NAME_MAX bytes or a path longer than PATH_MAX (ENAMETOOLONG)."""
+    if "\0" in text:
+        raise UserError(f"{key} contains a NUL character, which no path can hold: {short(text)}")
+    try:
+        encoded = os.fsencode(text)  # what the system calls get
+    except UnicodeEncodeError:  # a lone surrogate, e.g. YAML "\ud800"
+        raise UserError(f"{key} holds a character no file name can encode: {short(text)}") from None
+    if len(encoded) > PATH_MAX:
+        raise UserError(f"{key} is {len(encoded):,} bytes long; a path is at most {PATH_MAX:,} bytes")
+    for part in text.split("/"):
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise UserError(f"{key}: the name {short(part)} is {size:,} bytes long; a file or directory name is at "
+                            f"most {NAME_MAX} bytes")
+
+
+def _dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # Bounds on what a recipe's YAML may build: recipes are a few dozen keys two levels deep, so anything near these is
@@ -576,6 +613,7 @@ def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    check_path_text("recipe", str(path))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")

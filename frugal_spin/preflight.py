@@ -95,7 +95,13 @@ def check_hub_model(name: str) -> None:
     transformers' retries with backoff (28 s and a dozen log lines). A model already in the local hub cache
     passes without asking the network."""
     from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise UserError(f"model.name: {name[:120]!r} is neither a local directory nor a valid hub id "
+                        f"({' '.join(str(exc).split()).split(':')[0][:160]})") from None
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return

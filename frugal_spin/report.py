@@ -78,7 +78,11 @@ _ROLE_COLOURS = {"setup": "#9e9e9e", "sft": "#1f77b4", "generate": "#ff7f0e", "s
 # ----------------------------------------------------------------------------------------------------- reading
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The stage records of `run_dir/metrics.jsonl`, checked line by line."""
+    """The stage records of `run_dir/metrics.jsonl`, checked line by line (`_check_record`): a line that is not
+    UTF-8, not JSON, nested too deeply or not a stage record is one `UserError` naming the file and line."""
+    from frugal_spin.config import check_path_text
+
+    check_path_text("run directory", str(run_dir))
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run directory (give the recipe's output_dir)")
@@ -87,19 +91,47 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: no stage of this run has finished yet")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            records.append(_check_record(record, path, lineno))
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                            f"{e.start + 1})") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except ValueError:  # an integer of more than 4,300 digits (Python's int parsing limit)
+            raise UserError(f"{path}:{lineno}: not a stage record (a number too long to read)") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: nested too deeply to be a stage record") from None
+        records.append(_check_record(record, path, lineno))
     if not records:
         raise UserError(f"{path} holds no stage records")
     return records
+
+
+# Metrics the report computes with or draws: a number (or null) each. Memory peaks and wall times must also be
+# finite (they are summed, compared and set chart limits); a NaN loss or rate is a result and is shown as such.
+_NUMERIC_KEYS = set(EVAL_KEYS) | set(TRAIN_KEYS) | {k for keys in DIAGNOSTIC_KEYS.values() for k in keys} | \
+    {"tokens", "tokens_per_s"}
+_FINITE_KEYS = {"peak_mem_gib", "peak_reserved_gib", "peak_rss_gib"}
+
+
+def _number(value: Any, finite: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) or not finite  # float() of a 400-digit int overflows
+    except OverflowError:
+        return False
 
 
 def _check_record(record: Any, path: Path, lineno: int) -> dict[str, Any]:
@@ -112,8 +144,23 @@ def _check_record(record: Any, path: Path, lineno: int) -> dict[str, Any]:
         # bool is an int subclass; a true/false wall time is a broken record, not a duration.
         if not isinstance(record[key], types) or isinstance(record[key], bool):
             raise UserError(f"{where}: {key!r} has the wrong type ({type(record[key]).__name__})")
-    if record["wall_time_s"] < 0:
-        raise UserError(f"{where}: negative wall_time_s {record['wall_time_s']}")
+    if not _number(record["wall_time_s"], finite=True) or record["wall_time_s"] < 0:
+        raise UserError(f"{where}: wall_time_s must be a finite number >= 0, got {str(record['wall_time_s'])[:40]}")
+    for key, value in record["metrics"].items():
+        if value is None:
+            continue
+        if key in _FINITE_KEYS and not _number(value, finite=True):
+            raise UserError(f"{where}: metrics.{key} must be a finite number, got {str(value)[:40]} "
+                            f"({type(value).__name__})")
+        if key in _NUMERIC_KEYS and not _number(value, finite=False):
+            raise UserError(f"{where}: metrics.{key} must be a number, got {str(value)[:40]} "
+                            f"({type(value).__name__})")
+        if key in ("loss_curve", "margin_curve") and not isinstance(value, list):
+            raise UserError(f"{where}: metrics.{key} must be a list, got {type(value).__name__}")
+    samples = record["metrics"].get("samples")
+    if samples is not None and not (isinstance(samples, list) and all(
+            isinstance(s, dict) and {"prompt", "real", "greedy"} <= s.keys() for s in samples)):
+        raise UserError(f"{where}: metrics.samples must be a list of {{prompt, real, greedy}} objects")
     return record
 
 
@@ -127,7 +174,7 @@ def _recipe_iterations(run_dir: Path) -> int | None:
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
         iterations = recipe["spin"]["iterations"]
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError, KeyError, TypeError):  # ValueError: not UTF-8
         return None
     return iterations if isinstance(iterations, int) and not isinstance(iterations, bool) else None
 

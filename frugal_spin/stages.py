@@ -46,6 +46,21 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A stage marker's record, or None when the file is not one this tool wrote: unreadable, not UTF-8, not JSON,
+    nested too deeply, or without the fields a finished stage has (`fingerprint`, `outputs` of {sha256, bytes})."""
+    try:
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        return None
+    outputs = record.get("outputs") or {}
+    if not isinstance(outputs, dict) or not all(isinstance(v, dict) for v in outputs.values()):
+        return None
+    return record
+
+
 class StageStore:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
@@ -72,9 +87,12 @@ class StageStore:
         path = self._marker(name)
         if not path.is_file():
             return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        record = read_marker(path)
+        if record is None:
+            from frugal_spin.ui import warn
+
+            warn(f"{name}: {path.relative_to(self.run_dir)} is not a stage marker this tool wrote (unreadable or "
+                 f"malformed); recomputing the stage")
             return None
         if record.get("fingerprint") != fp:
             return None
@@ -118,10 +136,9 @@ class StageStore:
         out = []
         for name, fp in self.expected.items():
             path = self._marker(name)
-            if path.is_file():
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if record.get("fingerprint") == fp:
-                    out.append(record)
+            record = read_marker(path) if path.is_file() else None
+            if record is not None and record.get("fingerprint") == fp:
+                out.append(record)
         return out
 
     def write_metrics(self) -> None:

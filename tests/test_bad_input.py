@@ -83,6 +83,21 @@ CASES = [
     ("only unusable training rows", None, ["data.dataset=DIR/unusable.jsonl", "data.eval_size=2", "data.fraction=1"],
      "no usable training rows: all 8 rows drawn for training were skipped (skipped_no_answer: 8)"),
     ("dataset dir of .txt files", None, ["data.dataset=DIR/texts"], "holds no dataset files"),
+    # 10: paths no filesystem can hold, from the recipe file and from overrides, before any file is looked at
+    ("NUL in output_dir", 'output_dir: "DIR/ru\\0n"\n', [], "output_dir contains a NUL character, which no path "
+     "can hold: 'DIR/ru\\x00n'"),
+    ("NUL in model.name", 'output_dir: RUN\nmodel:\n  name: "DIR/m\\0"\n', [], "model.name contains a NUL character"),
+    ("NUL in data.dataset", 'output_dir: RUN\ndata:\n  dataset: "d\\0.jsonl"\n', [],
+     "data.dataset contains a NUL character"),
+    ("over-long output_dir name", None, ["output_dir=DIR/" + "a" * 300], "output_dir: the name '" + "a" * 37 +
+     "..." + "a" * 38 + "' is 300 bytes long; a file or directory name is at most 255 bytes"),
+    ("over-long output_dir", None, ["output_dir=DIR/" + "b/" * 2100], "bytes long; a path is at most 4,096 bytes"),
+    ("over-long model.name directory", None, ["model.name=DIR/" + "m" * 256], "model.name: the name 'mmm"),
+    ("over-long model.name hub id", None, ["model.name=org/" + "m" * 200],
+     "model.name: 'org/mmm"),
+    ("over-long data.dataset", None, ["data.dataset=DIR/" + "d" * 300 + ".jsonl"], "data.dataset: the name 'ddd"),
+    ("over-long gguf_file", None, ["model.name=DIR", "model.gguf_file=" + "g" * 300 + ".gguf"],
+     "model.gguf_file: the name 'ggg"),
 ]
 
 
@@ -265,3 +280,80 @@ def test_rows_with_a_lone_surrogate_or_a_tool_turn_are_skipped_and_counted(world
     assert checked.splits.counts["skipped_template_error"] == 2
     assert len(checked.train) + len(checked.heldout) == 30
     assert not (root / "new").exists()  # checks write nothing
+
+
+# ---------------------------------------------------------------- 10: `report` on records it cannot use
+
+GOOD_RECORDS = [{"stage": "setup", "kind": "setup", "metrics": {"train_examples": 3}, "wall_time_s": 1.0},
+                {"stage": "sft", "kind": "train", "metrics": {"train_loss": 1.0, "loss_curve": [1.0, 0.5]},
+                 "wall_time_s": 2.0},
+                {"stage": "sft.eval", "kind": "eval", "metrics": {"heldout_nll": 1.0}, "wall_time_s": 1.0}]
+
+
+def _records_with(line3: bytes | None = None, **metrics) -> bytes:
+    records = json.loads(json.dumps(GOOD_RECORDS))
+    records[2]["metrics"].update(metrics)
+    lines = [json.dumps(r).encode() for r in records]
+    return b"\n".join(lines[:2] + [line3 if line3 is not None else lines[2]]) + b"\n"
+
+
+# (name, metrics.jsonl bytes, the stderr line after "error: <run>/metrics.jsonl:")
+REPORT_CASES = [
+    ("latin-1 byte", _records_with(b'{"stage": "caf\xe9"}'), "3: not UTF-8 text (byte 0xe9 at column 15)"),
+    ("nested 100,000 deep", _records_with(b"[" * 100_000 + b"]" * 100_000), "3: nested too deeply to be a stage record"),
+    ("5,000-digit integer", _records_with(b'{"stage": ' + b"1" * 5000 + b"}"),
+     "3: not a stage record (a number too long to read)"),
+    ("infinite wall time", _records_with(json.dumps({**GOOD_RECORDS[2], "wall_time_s": 1e999}).encode()),
+     "3: wall_time_s must be a finite number >= 0, got inf"),
+    ("NaN memory peak", _records_with(peak_rss_gib=float("nan")), "3: metrics.peak_rss_gib must be a finite number, "
+     "got nan (float)"),
+    ("a list as memory peak", _records_with(peak_mem_gib=[1]), "3: metrics.peak_mem_gib must be a finite number, got "
+     "[1] (list)"),
+    ("a dict as NLL", _records_with(heldout_nll={"a": 1}), "3: metrics.heldout_nll must be a number, got {'a': 1} "
+     "(dict)"),
+    ("a 400-digit NLL", _records_with(heldout_nll=10 ** 400), "3: metrics.heldout_nll must be a number, got "
+     + "1" + "0" * 39 + " (int)"),
+    ("a string as a diagnostic", _records_with(identical_share="x"), "3: metrics.identical_share must be a number, "
+     "got x (str)"),
+    ("samples of numbers", _records_with(samples=[1, 2]), "3: metrics.samples must be a list of {prompt, real, greedy} "
+     "objects"),
+    ("a string as loss curve", _records_with(loss_curve="x"), "3: metrics.loss_curve must be a list, got str"),
+]
+
+
+@pytest.mark.parametrize("name, raw, message", REPORT_CASES, ids=[c[0] for c in REPORT_CASES])
+def test_report_on_a_malformed_record_is_one_line_and_writes_nothing(tmp_path, capsys, name, raw, message):
+    (tmp_path / "metrics.jsonl").write_bytes(raw)
+    code, out, err = _run_main(["report", str(tmp_path)], capsys)
+    assert code == 2 and out == ""
+    assert err == f"error: {tmp_path / 'metrics.jsonl'}:{message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_report_ignores_a_recipe_that_is_not_utf8(tmp_path, capsys):
+    """recipe.yaml is read only to tell a finished run from a partial one: a broken one leaves that unknown."""
+    (tmp_path / "metrics.jsonl").write_bytes(_records_with())
+    (tmp_path / "recipe.yaml").write_bytes(b"spin:\n  iterations: \xff\n")
+    code, out, err = _run_main(["report", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "report.json").read_text())["complete"] is None
+
+
+def test_report_of_an_over_long_path_is_one_line(tmp_path, capsys):
+    code, out, err = _run_main(["report", str(tmp_path / ("r" * 256))], capsys)
+    assert code == 2 and err == ("error: run directory: the name '" + "r" * 37 + "..." + "r" * 38 + "' is 256 bytes "
+                                 "long; a file or directory name is at most 255 bytes\n")
+
+
+@pytest.mark.parametrize("raw", [b'{"stage": "sft", "fingerprint": "a\xff"}', b"[" * 100_000 + b"]" * 100_000,
+                                 b'["sft"]', b'{"stage": "sft", "fingerprint": "a", "outputs": {"x": 1}}'],
+                         ids=["not utf-8", "nested 100,000 deep", "a list", "outputs not records"])
+def test_a_malformed_stage_marker_is_recomputed_with_a_warning(tmp_path, capsys, raw):
+    from frugal_spin.stages import StageStore
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "sft.json").write_bytes(raw)
+    store = StageStore(tmp_path)
+    assert store.completed("sft", "a") is None
+    assert store.records() == []
+    assert capsys.readouterr().err.startswith("warning: sft: stages/sft.json is not a stage marker this tool wrote")
