@@ -177,6 +177,9 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         train_rows, heldout_rows = splits["train"], splits["heldout"]
     elif is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
         rows = _load_local(Path(cfg.dataset).expanduser(), counts)
+        if len(rows) == 1:  # no data.eval_size leaves a row to train on and one to evaluate
+            raise UserError(f"data.dataset {cfg.dataset}: the file has 1 row; a run needs at least 2 (data.eval_size "
+                            f"of them held out for evaluation, the rest to train on): add rows to the file")
         if rows and cfg.eval_size >= len(rows):
             raise UserError(f"data.dataset {cfg.dataset}: the file has {len(rows)} rows and data.eval_size="
                             f"{cfg.eval_size} would hold out all of them, leaving none to train on; set "
@@ -217,7 +220,8 @@ def _counts_text(counts: Counter) -> str:
 def _load_local(path: Path, counts: Counter) -> list[Any]:
     """Rows of a local file. JSON lines are parsed one by one, so a broken line or a row whose fields have other
     types than the rest is skipped and counted (`skipped_unparsable`) instead of failing the whole file, as a
-    columnar reader would."""
+    columnar reader would; so is a line nested deeper than the JSON parser's recursion limit (`skipped_too_deep`,
+    about 1,000 levels; no chat row is deeper than 3)."""
     if path.suffix == ".jsonl":
         rows = []
         try:
@@ -231,12 +235,17 @@ def _load_local(path: Path, counts: Counter) -> list[Any]:
                 rows.append(json.loads(line))
             except ValueError:  # JSONDecodeError and UnicodeDecodeError
                 counts["skipped_unparsable"] += 1
+            except RecursionError:
+                counts["skipped_too_deep"] += 1
         return rows
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_bytes())
         except (OSError, ValueError) as exc:
             raise UserError(f"data.dataset: cannot read {path}: {' '.join(str(exc).split())[:200]}") from None
+        except RecursionError:  # one JSON document: a single too-deep row spoils the whole file
+            raise UserError(f"data.dataset: cannot read {path}: nested too deeply (more than ~1,000 levels); "
+                            f"a chat row is 3 levels deep") from None
         if not isinstance(rows, list):
             raise UserError(f"data.dataset: {path} must hold a JSON list of rows (or use .jsonl)")
         return rows

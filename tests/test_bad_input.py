@@ -83,6 +83,11 @@ CASES = [
     ("only unusable training rows", None, ["data.dataset=DIR/unusable.jsonl", "data.eval_size=2", "data.fraction=1"],
      "no usable training rows: all 8 rows drawn for training were skipped (skipped_no_answer: 8)"),
     ("dataset dir of .txt files", None, ["data.dataset=DIR/texts"], "holds no dataset files"),
+    # 11: advice that can be followed
+    ("one-row file", None, ["data.dataset=DIR/one.jsonl", "data.eval_size=1"], "the file has 1 row; a run needs at "
+     "least 2 (data.eval_size of them held out for evaluation, the rest to train on): add rows to the file"),
+    # 10: a row nested 100,000 deep in a .json list (one document: the whole file is unreadable; .jsonl skips it)
+    ("deep row in a .json file", None, ["data.dataset=DIR/deep.json"], "deep.json: nested too deeply"),
     # 10: paths no filesystem can hold, from the recipe file and from overrides, before any file is looked at
     ("NUL in output_dir", 'output_dir: "DIR/ru\\0n"\n', [], "output_dir contains a NUL character, which no path "
      "can hold: 'DIR/ru\\x00n'"),
@@ -161,6 +166,9 @@ def world(tmp_path, monkeypatch, small_base_cache):
     (tmp_path / "small.jsonl").write_text(_rows(50))
     (tmp_path / "unusable.jsonl").write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n" for _ in range(10)))
+    (tmp_path / "one.jsonl").write_text(_rows(1))
+    (tmp_path / "deep.json").write_text("[" + json.dumps({"messages": CHAT}) + ", " + "[" * 100_000 + "]" * 100_000
+                                        + "]")
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("plain text\n")
     return tmp_path, small_base_cache
@@ -280,6 +288,21 @@ def test_rows_with_a_lone_surrogate_or_a_tool_turn_are_skipped_and_counted(world
     assert checked.splits.counts["skipped_template_error"] == 2
     assert len(checked.train) + len(checked.heldout) == 30
     assert not (root / "new").exists()  # checks write nothing
+
+
+def test_a_row_nested_100000_deep_is_skipped_and_counted(world):
+    """Item 10: a .jsonl line deeper than the JSON parser's recursion limit is one skipped row, not a RecursionError."""
+    from frugal_spin.config import load_recipe
+    from frugal_spin.preflight import preflight
+
+    root, _ = world
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    (root / "deep.jsonl").write_text(_rows(20) + deep + _rows(10))
+    recipe = load_recipe(RECIPE, [f"data.dataset={root / 'deep.jsonl'}", "data.eval_size=5",
+                                  f"output_dir={root / 'new'}"])
+    checked = preflight(recipe)
+    assert checked.splits.counts["skipped_too_deep"] == 1
+    assert len(checked.train) + len(checked.heldout) == 30
 
 
 # ---------------------------------------------------------------- 10: `report` on records it cannot use
