@@ -190,12 +190,14 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         heldout_rows, train_rows = shuffled[: cfg.eval_size], shuffled[cfg.eval_size:]
     else:  # a hub id, or a local directory laid out like a hub dataset (e.g. data/train_sft-*.parquet)
         name = str(Path(cfg.dataset).expanduser()) if is_local_path(cfg.dataset) else cfg.dataset
+        access = None
         if not is_local_path(cfg.dataset):  # both splits from one commit, the one the run records
-            from frugal_spin.hub import resolve_revision
+            from frugal_spin.hub import repo_access
 
-            revision = resolve_revision(name, "dataset")
-        train_rows = _load_hub(name, cfg.split, revision)
-        heldout_rows = _sample(_load_hub(name, cfg.eval_split, revision), cfg.eval_size, seed)
+            access = repo_access(name, "dataset", "data.dataset")
+            revision = access.revision
+        train_rows = _load_hub(name, cfg.split, revision, access)
+        heldout_rows = _sample(_load_hub(name, cfg.eval_split, revision, access), cfg.eval_size, seed)
     # Only the sampled rows become Python objects: ultrachat_200k's train split is 208k conversations.
     train_rows = _sample(train_rows, max(1, round(cfg.fraction * len(train_rows))), seed)
     train_counts: Counter = Counter()
@@ -280,16 +282,24 @@ def _datasets_quiet() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
-def _load_hub(name: str, split: str, revision: str | None = None):
+def _load_hub(name: str, split: str, revision: str | None = None, access=None):
     """The split as a `datasets.Dataset` (memory-mapped Arrow: rows become Python objects only when sampled);
-    `revision` pins a hub commit."""
+    `revision` pins a hub commit; `access` (`hub.repo_access`, None for a local directory) says whether to read
+    the local cache only."""
     import datasets
 
+    from frugal_spin.hub import offline
+
+    cache_only = access is not None and access.offline
     try:
-        with _datasets_quiet():
+        with _datasets_quiet(), offline(cache_only):
             return datasets.load_dataset(name, split=split, **({"revision": revision} if revision else {}))
     except Exception as exc:  # offline, unknown id or split: the user must fix the recipe or the network
-        raise UserError(f"data.dataset: cannot load {name!r} split {split!r}: {' '.join(str(exc).split())[:300]}")
+        if cache_only and isinstance(exc, (ConnectionError, FileNotFoundError)):
+            raise UserError(f"data.dataset: {name[:120]!r} is not in the local cache and {access.why_offline}; "
+                            f"load it once with the hub reachable, or use a local file") from None
+        raise UserError(f"data.dataset: cannot load {name!r} split {split!r}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
 
 
 # ---------------------------------------------------------------- tokenising

@@ -380,3 +380,86 @@ def test_a_malformed_stage_marker_is_recomputed_with_a_warning(tmp_path, capsys,
     assert store.completed("sft", "a") is None
     assert store.records() == []
     assert capsys.readouterr().err.startswith("warning: sft: stages/sft.json is not a stage marker this tool wrote")
+
+
+# ---------------------------------------------------------------- 11: a hub dataset when the hub cannot be reached
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """Online mode, empty hub and datasets caches, and a network whose name lookups fail (as with no network at
+    all): every library goes through its real code path down to the socket."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    lookups = []
+
+    def unreachable(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    return lookups
+
+
+def test_an_unreachable_hub_dataset_fails_at_once_in_one_line(world, capsys, no_hub):
+    """Not 25 s of `datasets` retrying each file five times with backoff (11 log lines): one request, one line."""
+    import time
+
+    started = time.perf_counter()
+    code, out, err = _run_main([str(RECIPE), *TINY, "data.dataset=nobody/chat", f"output_dir={world[0] / 'new'}"],
+                               capsys)
+    assert code == 2 and out == ""
+    assert err == ("error: data.dataset: 'nobody/chat' is not in the local cache and the hub cannot be reached "
+                   "([Errno -2] Name or service not known); load it once with the hub reachable, or use a local "
+                   "file\n")
+    assert time.perf_counter() - started < 5
+    assert len(no_hub) <= 2  # the one repo_info request (and the offline load asks nothing)
+
+
+@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_a_hub_dataset_with_the_hub_off_is_one_line_without_asking_the_network(world, capsys, no_hub, monkeypatch,
+                                                                            flag):
+    import datasets
+    from huggingface_hub import constants
+
+    if flag == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what datasets reads from either variable
+    code, out, err = _run_main([str(RECIPE), *TINY, "data.dataset=nobody/chat", f"output_dir={world[0] / 'new'}"],
+                               capsys)
+    assert code == 2 and no_hub == []
+    assert err == ("error: data.dataset: 'nobody/chat' is not in the local cache and the hub is off (HF_HUB_OFFLINE "
+                   "or HF_DATASETS_OFFLINE); load it once with the hub reachable, or use a local file\n")
+
+
+def test_a_cached_hub_dataset_loads_in_offline_mode_when_the_hub_is_unreachable(no_hub, monkeypatch, tmp_path):
+    """The dataset `datasets` cached on an earlier online run is read from its cache, in its offline mode (which
+    asks nothing of the network), at the commit the hub cache recorded."""
+    import datasets
+    from huggingface_hub import constants
+
+    from frugal_spin.config import DataConfig
+    from frugal_spin.data import load_splits
+
+    sha = "c" * 40
+    refs = Path(constants.HF_HUB_CACHE) / "datasets--org--chat" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(sha)
+    calls = []
+
+    def load_dataset(name, split, **kwargs):
+        calls.append((name, split, kwargs.get("revision"), constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        return datasets.Dataset.from_list([{"messages": CHAT}] * 10)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    splits = load_splits(DataConfig(dataset="org/chat", eval_size=2), seed=0)
+    assert splits.revision == sha and len(splits.train) == 10
+    assert calls == [("org/chat", "train_sft", sha, True, True), ("org/chat", "test_sft", sha, True, True)]
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored after

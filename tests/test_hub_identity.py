@@ -68,7 +68,7 @@ def test_a_hub_dataset_is_loaded_at_the_resolved_commit_and_records_it(monkeypat
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(hub, "resolve_revision", lambda repo_id, repo_type="model": SHA_A)
+    monkeypatch.setattr(hub, "repo_access", lambda repo_id, repo_type, key: hub.HubAccess(SHA_A, False))
     splits = load_splits(DataConfig(dataset="org/chat", eval_size=4), seed=0)
     assert splits.revision == SHA_A
     assert loaded == [("org/chat", "train_sft", SHA_A), ("org/chat", "test_sft", SHA_A)]
