@@ -305,9 +305,28 @@ def _load_hub(name: str, split: str, revision: str | None = None, access=None):
 # ---------------------------------------------------------------- tokenising
 
 
+class ChatTemplateError(UserError):
+    """The tokenizer's chat template raised on a conversation (its own `raise_exception`, a Jinja syntax error, or
+    any Python error inside it: a template is code that came with the model) or wrote no tokens for a prompt."""
+
+
+def apply_template(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    """`tokenizer.apply_chat_template` to token ids; whatever the template raises becomes a ChatTemplateError
+    with the template's own message on one line."""
+    try:
+        return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True, return_dict=False))
+    except Exception as exc:  # noqa: BLE001 - TemplateError, TypeError, ZeroDivisionError, RecursionError, ...
+        where = f" (template line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise ChatTemplateError(f"the chat template raised {type(exc).__name__}{where}: "
+                                f"{' '.join(str(exc).split())[:200]}") from None
+
+
 def encode_prompt(tokenizer, prompt: str, context: Sequence[dict[str, str]] = ()) -> list[int]:
-    return list(tokenizer.apply_chat_template([*context, {"role": "user", "content": prompt}],
-                                              add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids = apply_template(tokenizer, [*context, {"role": "user", "content": prompt}], add_generation_prompt=True)
+    if not ids:  # nothing for the first answer token to be predicted from
+        raise ChatTemplateError("the chat template writes no tokens for a user turn")
+    return ids
 
 
 def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter | None = None,
@@ -321,9 +340,7 @@ def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter
 
         end_id = end_of_turn_id(tokenizer)
     prompt_ids = encode_prompt(tokenizer, example.prompt, example.context)
-    full = list(tokenizer.apply_chat_template(
-        [*example.prompt_messages(), {"role": "assistant", "content": example.answer}],
-        tokenize=True, return_dict=False))
+    full = apply_template(tokenizer, [*example.prompt_messages(), {"role": "assistant", "content": example.answer}])
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         answer_ids = full[len(prompt_ids):]
     else:  # templates that rewrite earlier turns: fall back to the plain answer followed by end-of-turn
@@ -335,29 +352,35 @@ def encode_example(tokenizer, example: Example, cfg: DataConfig, counts: Counter
     return encoded
 
 
-def encode_examples(tokenizer, examples: Sequence[Example], cfg: DataConfig,
-                    counts: Counter) -> tuple[list[Example], list[Encoded]]:
+def encode_examples(tokenizer, examples: Sequence[Example], cfg: DataConfig, counts: Counter,
+                    errors: list[str] | None = None) -> tuple[list[Example], list[Encoded]]:
     """`encode_example` over a split. An example the chat template refuses (e.g. a `tool` turn in the context of a
-    template that knows only system/user/assistant) is skipped and counted as `skipped_template_error`, not a
-    crash; one warning when real answers do not end with the end-of-turn token (generated ones do: training would
-    then teach the model never to stop)."""
-    from jinja2 import TemplateError
-
+    template that knows only system/user/assistant, or any error the template raises) is skipped and counted as
+    `skipped_template_error`, not a crash, with one warning quoting the first error (also appended to `errors`,
+    for the caller's message when no example is left); one warning when real answers do not end with the
+    end-of-turn token (generated ones do: training would then teach the model never to stop)."""
     from frugal_spin.turns import end_of_turn_id
+    from frugal_spin.ui import warn
 
     end_id = end_of_turn_id(tokenizer)
     before = counts["answers_without_end_of_turn"]
-    kept, encoded = [], []
-    for example in examples:
+    kept, encoded, failed = [], [], []
+    for i, example in enumerate(examples):
         try:
             encoded.append(encode_example(tokenizer, example, cfg, counts, end_id))
-        except TemplateError:
+        except ChatTemplateError as exc:
             counts["skipped_template_error"] += 1
+            failed.append(f"row {i + 1} (prompt {example.prompt[:40]!r}): {exc}")
             continue
         kept.append(example)
+    if failed:
+        if errors is not None:
+            errors.append(failed[0])
+        if kept:  # with none left the caller stops with the same text
+            warn(f"{len(failed)} of {len(examples)} rows skipped: the chat template cannot write them (first: "
+                 f"{failed[0]})")
     missing = counts["answers_without_end_of_turn"] - before
     if missing:
-        from frugal_spin.ui import warn
 
         warn(f"{missing} of {len(kept)} real answers do not end with the chat template's end-of-turn token "
              f"{tokenizer.convert_ids_to_tokens(end_id)!r} (generation stops there); check the tokenizer's chat "

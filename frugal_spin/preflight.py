@@ -69,12 +69,16 @@ def preflight(recipe: Recipe) -> Checked:
     revision = None if Path(source).is_dir() else resolve_revision(source, "model")
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code, revision)
     check_target_modules(source, recipe.model, recipe.lora)
-    train_examples, train = encode_examples(tokenizer, splits.train, recipe.data, splits.counts)
-    heldout_examples, heldout = encode_examples(tokenizer, splits.heldout, recipe.data, splits.counts)
-    if not train or not heldout:
-        which = "training" if not train else "held-out"
-        raise UserError(f"data.dataset {recipe.data.dataset}: no {which} row can be written with the model's chat "
-                        f"template ({dict(splits.counts)})")
+    train_errors: list[str] = []
+    train_examples, train = encode_examples(tokenizer, splits.train, recipe.data, splits.counts, train_errors)
+    if not train:
+        raise UserError(f"data.dataset {recipe.data.dataset}: no training row can be written with the chat template "
+                        f"of {source}: {train_errors[0] if train_errors else 'no rows'}")
+    heldout_errors: list[str] = []
+    heldout_examples, heldout = encode_examples(tokenizer, splits.heldout, recipe.data, splits.counts, heldout_errors)
+    if not heldout:
+        raise UserError(f"data.dataset {recipe.data.dataset}: no held-out row can be written with the chat "
+                        f"template of {source}: {heldout_errors[0] if heldout_errors else 'no rows'}")
     splits = DataSplits(train_examples, heldout_examples, splits.counts, splits.revision)
     return Checked(source, tokenizer, splits, train, heldout, revision)
 

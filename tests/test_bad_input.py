@@ -76,6 +76,15 @@ CASES = [
     ("unknown target module", None, ["model.name=MODEL:good", "lora.target_modules=[q_proj,qproj]", "--restart"],
      "lora.target_modules: 'qproj' matches no module"),
     ("non-linear target module", None, ["lora.target_modules=[layers]"], "'layers' names ModuleList modules"),
+    # 10: a chat template that raises (it is code that came with the model): one line naming the row and the error
+    ("template syntax error", None, ["model.name=MODEL:template_syntax"], "models/template_syntax: row 1 (prompt "
+     "'Sort these digits: 2 3 2 2.'): the chat template raised TemplateSyntaxError (template line 1): unexpected "
+     "'}'"),
+    ("template TypeError", None, ["model.name=MODEL:template_type_error"], "the chat template raised TypeError: can "
+     "only concatenate str (not \"int\") to str"),
+    ("template recursion", None, ["model.name=MODEL:template_recursion"], "the chat template raised RecursionError"),
+    ("template writes nothing", None, ["model.name=MODEL:template_empty"], "the chat template writes no tokens for "
+     "a user turn"),
     # 12, 14: data
     ("built-in eval_size too large", None, ["data.eval_size=1000000"], "more than the built-in task"),
     ("fewer rows than eval_size", None, ["data.dataset=DIR/small.jsonl", "data.eval_size=200"],
@@ -104,6 +113,16 @@ CASES = [
     ("over-long gguf_file", None, ["model.name=DIR", "model.gguf_file=" + "g" * 300 + ".gguf"],
      "model.gguf_file: the name 'ggg"),
 ]
+
+
+TEMPLATES = {"template_syntax": "{% for m in messages %}{{ m.content }",
+             "template_type_error": "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}",
+             "template_recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+             "template_empty": "",
+             # refuses only some rows: those are skipped and counted
+             "template_picky": "{% for m in messages %}{% if 'boom' in m['content'] %}{{ 1 // 0 }}{% endif %}"
+                               "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"}
 
 
 def _break_model(source: Path, target: Path, kind: str) -> Path:
@@ -136,6 +155,8 @@ def _break_model(source: Path, target: Path, kind: str) -> Path:
         (target / "tokenizer_config.json").write_text(json.dumps(config))
     elif kind == "bad_config":
         (target / "config.json").write_text("{not json")
+    elif kind.startswith("template_"):
+        (target / "chat_template.jinja").write_text(TEMPLATES[kind])
     return target
 
 
@@ -463,3 +484,22 @@ def test_a_cached_hub_dataset_loads_in_offline_mode_when_the_hub_is_unreachable(
     assert splits.revision == sha and len(splits.train) == 10
     assert calls == [("org/chat", "train_sft", sha, True, True), ("org/chat", "test_sft", sha, True, True)]
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored after
+
+
+def test_rows_a_chat_template_refuses_are_skipped_counted_and_named_once(world, capsys):
+    from frugal_spin.config import load_recipe
+    from frugal_spin.preflight import preflight
+
+    root, cache = world
+    model = _break_model(next(cache.glob("tiny-llama-*")), root / "picky", "template_picky")
+    boom = json.dumps({"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "a"}]})
+    (root / "boom.jsonl").write_text(boom + "\n" + _rows(30) + boom + "\n")
+    recipe = load_recipe(RECIPE, [f"data.dataset={root / 'boom.jsonl'}", "data.eval_size=5", "data.fraction=1",
+                                  f"model.name={model}", f"output_dir={root / 'new'}"])
+    checked = preflight(recipe)
+    assert checked.splits.counts["skipped_template_error"] == 2
+    assert len(checked.train) + len(checked.heldout) == 30
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "chat template" in line]
+    assert warnings and all(" rows skipped: the chat template cannot write them (first: row " in w and
+                            "(prompt 'boom'): the chat template raised ZeroDivisionError: integer division or "
+                            "modulo by zero)" in w for w in warnings)
