@@ -382,9 +382,37 @@ def _from_pretrained(path: str, kwargs: dict):
     try:
         # safetensors only: a pickle checkpoint (pytorch_model.bin) is refused, never unpickled (preflight.py
         # says how to convert one).
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                                           **kwargs)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise UserError(f"model.name: {path}: the weights do not fit config.json: some tensors have other shapes "
+                        f"than config.json gives them") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+    check_loading_info(model, info, path)
+    return model
+
+
+def check_loading_info(model: torch.nn.Module, info: dict, path: str) -> None:
+    """transformers initialises tensors the weights lack at random and drops those the model has no place for,
+    with a warning (and with 4-bit layers it cannot see a shape that differs): the run would train a model that is
+    not the one named. Preflight finds this from the headers before anything is loaded
+    (`preflight.check_weights_fit_config`); this catches what only the load sees (a `base/` changed since,
+    checkpoints whose names the load converts, models with their own code)."""
+    from frugal_spin.weights_check import Mismatch, describe, is_leftover
+
+    modules = {name for name, _ in model.named_modules() if name}
+    prefix = getattr(model, "base_model_prefix", "")
+    modules |= {name.removeprefix(f"{prefix}.") for name in modules}
+    names = lambda key: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())  # noqa: E731
+    # (mismatched shapes raise inside from_pretrained, unless 4-bit hides them: preflight's header check sees them)
+    mismatch = Mismatch(missing=names("missing_keys"),
+                        unexpected=[n for n in names("unexpected_keys") if not is_leftover(n, modules)])
+    if mismatch:
+        raise UserError(f"model.name: {path}: the weights do not fit config.json: "
+                        f"{describe(mismatch, 'the weights')}")
 
 
 def cpu_nf4_misdequantised_layers(model: torch.nn.Module) -> list[str]:

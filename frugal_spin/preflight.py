@@ -145,8 +145,10 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> None:
                 f"AutoModelForCausalLM as M; M.from_pretrained('{path}', use_safetensors=False)"
                 f".save_pretrained('{path}-safetensors')\" and use that directory")
         raise UserError(f"{where} has no weights (model.safetensors or model.safetensors.index.json)")
+    shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:
-        _check_safetensors(shard, where)
+        shapes.update(_check_safetensors(shard, where))
+    check_weights_fit_config(path, config, shapes, trust_remote_code, where)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{where} has weights but no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     tokenizer_config = path / "tokenizer_config.json"
@@ -181,8 +183,9 @@ def _safetensors_files(path: Path, where: str) -> list[Path]:
     return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
 
 
-def _check_safetensors(file: Path, where: str) -> None:
-    """Parse the header and check that every tensor's bytes lie inside the file (a truncated copy fails here)."""
+def _check_safetensors(file: Path, where: str) -> dict[str, tuple[int, ...]]:
+    """Parse the header and check that every tensor's bytes lie inside the file (a truncated copy fails here);
+    return each tensor's shape."""
     import struct
 
     try:
@@ -200,23 +203,73 @@ def _check_safetensors(file: Path, where: str) -> None:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise ValueError(f"truncated: {size:,} bytes, its header needs {8 + n + end:,}")
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        return {k: tuple(int(d) for d in t["shape"]) for k, t in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error) as exc:
         raise UserError(f"{where}: {file.name} is not a valid safetensors file "
                         f"({' '.join(str(exc).split())[:160]})") from None
 
 
-def module_names(source: str, trust_remote_code: bool) -> dict[str, str]:
-    """name -> class name of every module of the model `source`'s config describes (built on `meta`)."""
+def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, tuple[int, ...]], trust_remote_code: bool,
+                             where: str) -> None:
+    """The tensors of the weights files (`shapes`, from their headers) against the model config.json describes
+    (`weights_check`): a missing or unexpected tensor, or one of another shape, is one line naming them. Not for
+    pre-quantized checkpoints (their packed tensors have other shapes by design) or models with their own code;
+    the load checks those (`model.check_loading_info`)."""
+    from frugal_spin.weights_check import compare, describe, layer_count
+
+    if config.get("quantization_config") or config.get("auto_map"):
+        return
+    model = meta_model(str(path), trust_remote_code)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    rename, names_only_partly = _checkpoint_renamer(model)
+    found = {rename(name): shape for name, shape in shapes.items()}
+    prefix = model.base_model_prefix
+    modules = {name for name, _ in model.named_modules() if name}
+    modules |= {name.removeprefix(f"{prefix}.") for name in modules}  # checkpoints saved from the base model
+    mismatch = compare(expected, found, optional=getattr(model, "all_tied_weights_keys", None) or {},
+                       ignore_missing=model._keys_to_ignore_on_load_missing or (),
+                       ignore_unexpected=model._keys_to_ignore_on_load_unexpected or (),
+                       names_only_partly=names_only_partly, modules=modules)
+    configured, held = getattr(model.config, "num_hidden_layers", None), layer_count(found)
+    layers = (configured, held) if isinstance(configured, int) and held is not None else None
+    if mismatch or (layers and layers[0] != layers[1]):  # the layer count also where names are converted (MoE)
+        raise UserError(f"{where}: the weights do not fit config.json: "
+                        f"{describe(mismatch, 'the weights', layers)}")
+
+
+def _checkpoint_renamer(model):
+    """(name in a checkpoint -> name in `model`, whether some names are converted rather than renamed), by the
+    rules transformers loads with (its renamings and the base-model prefix). With a transformers whose loading
+    code is laid out otherwise, names are taken as they are and only shapes are compared."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - transformers < 5
+        return (lambda name: name), True
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    partly = any(isinstance(c, WeightConverter) for c in conversions)
+    state = model.state_dict()
+    return (lambda name: rename_source_key(name, renamings, [], model.base_model_prefix, state)[0]), partly
+
+
+def meta_model(source: str, trust_remote_code: bool):
+    """The model `source`'s config describes, built on the `meta` device (no memory, no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         raise UserError(f"model.name: cannot build the model {source!r} from its config: "
                         f"{' '.join(str(exc).split())[:240]}") from None
+
+
+def module_names(source: str, trust_remote_code: bool) -> dict[str, str]:
+    """name -> class name of every module of the model `source`'s config describes (built on `meta`)."""
+    model = meta_model(source, trust_remote_code)
     return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
 

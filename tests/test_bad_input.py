@@ -73,6 +73,21 @@ CASES = [
     ("pickle weights only", None, ["model.name=MODEL:pickle_only"], "holds only pickle weights (pytorch_model.bin)"),
     ("no chat template", None, ["model.name=MODEL:no_template", "--restart"], "has no chat template"),
     ("broken config.json", None, ["model.name=MODEL:bad_config"], "config.json is not valid JSON"),
+    # 9, 10: weights that do not fit config.json (transformers loads half a model, or random tensors, and warns)
+    ("config with fewer layers than the weights", None, ["model.name=MODEL:fewer_layers"], "the weights do not fit "
+     "config.json: config.json says num_hidden_layers=2, the weights hold 4 layers; 18 tensor(s) in the weights "
+     "have no place in the model (model.layers.{2-3}.* (18 tensors))"),
+    ("config with more layers than the weights", None, ["model.name=MODEL:more_layers"], "config.json says "
+     "num_hidden_layers=6, the weights hold 4 layers; 18 tensor(s) the model needs are missing from the weights "
+     "(model.layers.{4-5}.* (18 tensors))"),
+    ("weights missing a tensor", None, ["model.name=MODEL:missing_tensor", "--restart"], "the weights do not fit "
+     "config.json: 1 tensor(s) the model needs are missing from the weights (model.layers.1.mlp.up_proj.weight)"),
+    ("config and weights of other shapes", None, ["model.name=MODEL:other_shapes"], "the weights do not fit "
+     "config.json: 12 tensor(s) have other shapes than config.json gives them (model.layers.{0-3}.* (12 tensors)), "
+     "e.g. model.layers.0.mlp.down_proj.weight: [128, 384] in the weights, [128, 256] from config.json"),
+    ("a weight of another shape", None, ["model.name=MODEL:one_other_shape"], "1 tensor(s) have other shapes than "
+     "config.json gives them (model.layers.0.mlp.up_proj.weight), e.g. model.layers.0.mlp.up_proj.weight: "
+     "[100, 128] in the weights, [384, 128] from config.json"),
     ("unknown target module", None, ["model.name=MODEL:good", "lora.target_modules=[q_proj,qproj]", "--restart"],
      "lora.target_modules: 'qproj' matches no module"),
     ("non-linear target module", None, ["lora.target_modules=[layers]"], "'layers' names ModuleList modules"),
@@ -155,6 +170,20 @@ def _break_model(source: Path, target: Path, kind: str) -> Path:
         (target / "tokenizer_config.json").write_text(json.dumps(config))
     elif kind == "bad_config":
         (target / "config.json").write_text("{not json")
+    elif kind in ("fewer_layers", "more_layers", "other_shapes"):
+        config = json.loads((target / "config.json").read_text())
+        config.update({"fewer_layers": {"num_hidden_layers": 2}, "more_layers": {"num_hidden_layers": 6},
+                       "other_shapes": {"intermediate_size": 256}}[kind])
+        (target / "config.json").write_text(json.dumps(config))
+    elif kind in ("missing_tensor", "one_other_shape"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        if kind == "missing_tensor":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 128)
+        save_file(tensors, weights, metadata={"format": "pt"})
     elif kind.startswith("template_"):
         (target / "chat_template.jinja").write_text(TEMPLATES[kind])
     return target
@@ -503,3 +532,83 @@ def test_rows_a_chat_template_refuses_are_skipped_counted_and_named_once(world, 
     assert warnings and all(" rows skipped: the chat template cannot write them (first: row " in w and
                             "(prompt 'boom'): the chat template raised ZeroDivisionError: integer division or "
                             "modulo by zero)" in w for w in warnings)
+
+def test_the_builtin_base_with_an_edited_config_is_refused_before_the_run(tmp_path, capsys, monkeypatch,
+                                                                          small_base_cache):
+    """The built-in base is a local model directory too (here: the cache's build the run would copy)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(small_base_cache, cache, ignore=shutil.ignore_patterns("first_build"))
+    base = next(cache.glob("tiny-llama-*"))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(cache))
+    monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
+    code, out, err = _run_main([str(RECIPE), *TINY, f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err == (f"error: model.name: {base}: the weights do not fit config.json: config.json says "
+                   f"num_hidden_layers=3, the weights hold 4 layers; 9 tensor(s) in the weights have no place in the "
+                   f"model (model.layers.3.* (9 tensors))\n")
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["nf4", "fp32"])
+@pytest.mark.parametrize("kind, message", [
+    ("fewer_layers", "18 tensor(s) in the weights have no place in the model (model.layers.{2-3}.* (18 tensors))"),
+    ("missing_tensor", "1 tensor(s) the model needs are missing from the weights (model.layers.1.mlp.up_proj.weight)"),
+    ("other_shapes", "some tensors have other shapes than config.json gives them")])
+def test_the_load_itself_refuses_weights_that_do_not_fit(tmp_path, small_base_cache, load_in_4bit, kind, message):
+    """What preflight cannot see (a run's base/ changed after its checks) the load reports: transformers itself
+    would warn and go on with random or dropped tensors. In 4-bit, other shapes load silently: only preflight's
+    header check sees them."""
+    from frugal_spin.config import ModelConfig
+    from frugal_spin.errors import UserError
+    from frugal_spin.model import load_base_model, resolve_runtime
+
+    model_dir = _break_model(next(small_base_cache.glob("tiny-llama-*")), tmp_path / kind, kind)
+    cfg = ModelConfig(name=str(model_dir), load_in_4bit=load_in_4bit, device="cpu")
+    if kind == "other_shapes" and load_in_4bit:
+        load_base_model(str(model_dir), cfg, resolve_runtime(cfg))  # bitsandbytes cannot tell: preflight must
+        return
+    with pytest.raises(UserError) as err:
+        load_base_model(str(model_dir), cfg, resolve_runtime(cfg))
+    assert str(err.value) == f"model.name: {model_dir}: the weights do not fit config.json: {message}"
+
+
+ARCHITECTURES = {  # tiny configs of families whose checkpoints are laid out differently
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128),  # saved without "transformer." below
+    "mixtral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128, num_local_experts=2),  # experts fused on load
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                word_embed_proj_dim=64),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_weights_that_fit_pass_and_a_shorter_config_is_caught_across_architectures(tmp_path, small_base_cache, arch):
+    """No false alarm on a checkpoint saved by transformers (tied heads, names saved from the base model, old
+    buffers), and the check still sees a config with a layer less."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from frugal_spin.errors import UserError
+    from frugal_spin.preflight import check_model_dir
+
+    model_dir = tmp_path / arch
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **ARCHITECTURES[arch])).save_pretrained(model_dir)
+    for p in next(small_base_cache.glob("tiny-llama-*")).iterdir():
+        if p.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(p, model_dir / p.name)
+    if arch == "gpt2":  # as the hub's GPT-2 files are: base-model names, no head, an old attention buffer
+        tensors = load_file(model_dir / "model.safetensors")
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+        tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+        save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    check_model_dir(model_dir, trust_remote_code=False)
+    config = json.loads((model_dir / "config.json").read_text())
+    layers_key = next(k for k in ("num_hidden_layers", "n_layer") if k in config)
+    (model_dir / "config.json").write_text(json.dumps({**config, layers_key: 1}))
+    with pytest.raises(UserError, match="do not fit config.json: .*(=1, the weights hold 2 layers|have no place)"):
+        check_model_dir(model_dir, trust_remote_code=False)
