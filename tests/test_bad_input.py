@@ -612,3 +612,101 @@ def test_weights_that_fit_pass_and_a_shorter_config_is_caught_across_architectur
     (model_dir / "config.json").write_text(json.dumps({**config, layers_key: 1}))
     with pytest.raises(UserError, match="do not fit config.json: .*(=1, the weights hold 2 layers|have no place)"):
         check_model_dir(model_dir, trust_remote_code=False)
+
+
+# ---------------------------------------------------------------- 10, 11: GGUF files cut short, and killed conversions
+
+GGUF_CUTS = [  # (bytes kept of the 80,832-byte tiny GGUF, the message after "error: model.name: <file> ")
+    (3, "is not a GGUF file (it does not start with the bytes GGUF)"),
+    (20, "is truncated: the file ends inside its header (needs 8 bytes at byte 16; the file has 20 bytes); download "
+         "or copy it again"),
+    (100, "is truncated: the file ends inside its metadata, key 2 of 11 (needs 4 bytes at byte 98; the file has 100 "
+          "bytes); download or copy it again"),
+    (4022, "is truncated: the file ends inside its tensor table, tensor 1 of 1 (needs 8 bytes at byte 4,018; the file "
+           "has 4,022 bytes); download or copy it again"),
+    (40416, "is truncated: its tensor data needs 80,832 bytes, the file has 40,416; download or copy it again"),
+]
+
+
+@pytest.mark.parametrize("kept, message", GGUF_CUTS, ids=[str(c[0]) for c in GGUF_CUTS])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_gguf_file_cut_short_is_one_line_saying_where(tmp_path, capsys, monkeypatch, kept, message, command):
+    from test_pypi_assets import _tiny_llama_gguf
+
+    whole = _tiny_llama_gguf(tmp_path / "whole.gguf").read_bytes()
+    assert len(whole) == 80_832
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:kept])
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(tmp_path / "cache"))
+    argv = ([str(RECIPE), *TINY, f"model.name={cut}", f"output_dir={tmp_path / 'run'}"] if command == "run" else
+            ["plan", str(RECIPE), f"model.name={cut}", "--offline"])
+    code, out, err = _run_main(argv, capsys)
+    assert code == 2 and out == ""
+    assert err == f"error: model.name: {cut} {message}\n"
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("gguf-*"))
+
+
+_CONVERTING = """
+import os, sys, time
+from pathlib import Path
+from frugal_spin import gguf_import
+
+def slow_convert(gguf_path, out_dir, what):
+    (Path(out_dir) / "model.safetensors").write_bytes(b"0" * 1_000_000)  # the 517 MB of a real conversion
+    print("converting", flush=True)
+    time.sleep(60)
+
+gguf_import.convert = slow_convert
+if sys.argv[2] == "kill":  # SIGKILL itself mid-way: nothing can clean up after that
+    gguf_import.convert = lambda *a: (Path(a[1], "model.safetensors").write_bytes(b"0"), os.kill(os.getpid(), 9))
+gguf_import.converted_dir(Path(sys.argv[1]), cache_root=Path(sys.argv[3]))
+"""
+
+
+def _converting(tmp_path, how):
+    import subprocess
+    import sys
+
+    from test_pypi_assets import _tiny_llama_gguf
+
+    gguf = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", _CONVERTING, str(gguf), how, str(cache)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), gguf, cache
+
+
+def test_sigterm_during_a_gguf_conversion_leaves_nothing_in_the_cache(tmp_path):
+    import signal
+
+    process, _, cache = _converting(tmp_path, "term")
+    assert process.stdout.readline() == "converting\n"
+    assert [p.name for p in cache.iterdir() if p.is_dir()][0].startswith(".gguf-")  # the partial directory is there
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(cache.iterdir()) == []
+
+
+def test_the_next_conversion_removes_what_a_killed_one_left_and_nothing_else(tmp_path, monkeypatch):
+    from frugal_spin import gguf_import
+    from frugal_spin.partial_dirs import OWNER_SUFFIX, owner_record
+
+    process, gguf, cache = _converting(tmp_path, "kill")
+    assert process.wait(timeout=60) == -9
+    left = sorted(p.name for p in cache.iterdir())
+    assert len(left) == 2 and left[1] == left[0] + OWNER_SUFFIX  # the partial directory and its owner record
+    foreign = cache / ".gguf-0123.partial-someone"  # no owner record: not provably ours
+    foreign.mkdir()
+    alive = cache / ".gguf-4567.partial-alive"  # a conversion running now, in this very process
+    alive.mkdir()
+    (cache / (alive.name + OWNER_SUFFIX)).write_text(json.dumps(owner_record()))
+
+    def convert(gguf_path, out_dir, what):
+        (out_dir / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(gguf_import, "convert", convert)
+    target = gguf_import.converted_dir(gguf, cache_root=cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [target.name, foreign.name, alive.name, alive.name + OWNER_SUFFIX])
+    assert (target / gguf_import.INFO).is_file() and not list(target.glob("*" + OWNER_SUFFIX))
