@@ -65,6 +65,9 @@ def converted_dir(gguf_path: Path, sha256: str | None = None, cache_root: Path |
         return target
     require_gguf(what)
     check_gguf_file(gguf_path, what)  # a cut or damaged file: one line saying where, before transformers reads it
+    from frugal_spin.cache import writable_dir
+
+    writable_dir(root, root, what, f"the conversion of {gguf_path.name} ({target.name})")
     if target.exists() and not (target / INFO).is_file():  # the rename below only ever creates it complete,
         # with its record: this one is not provably ours to replace (an older version's, with its record, is)
         raise UserError(f"{what}: {target} exists but is not a finished conversion (no {INFO}); remove it and "

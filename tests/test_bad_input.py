@@ -100,6 +100,16 @@ CASES = [
     ("template recursion", None, ["model.name=MODEL:template_recursion"], "the chat template raised RecursionError"),
     ("template writes nothing", None, ["model.name=MODEL:template_empty"], "the chat template writes no tokens for "
      "a user turn"),
+    # 10: a cache that cannot be written, when the run needs to write it (env:NAME=VALUE sets the variable)
+    ("FRUGAL_SPIN_CACHE is a file", None, ["env:FRUGAL_SPIN_CACHE=FILE"], "model.name builtin:tiny-llama: "
+     "FRUGAL_SPIN_CACHE=FILE cannot hold the cache: FILE is a file, not a directory; set FRUGAL_SPIN_CACHE to a "
+     "writable directory (it holds built, converted and downloaded models), or unset it to use "
+     "~/.cache/frugal_spin"),
+    ("FRUGAL_SPIN_CACHE below a file", None, ["env:FRUGAL_SPIN_CACHE=FILE/cache"], "FRUGAL_SPIN_CACHE=FILE/cache "
+     "cannot hold the cache: FILE is a file, not a directory"),
+    ("FRUGAL_SPIN_CACHE a file, SmolLM2", None, ["env:FRUGAL_SPIN_CACHE=FILE",
+                                                "model.name=builtin:smollm2-135m-instruct"],
+     "model.name builtin:smollm2-135m-instruct: FRUGAL_SPIN_CACHE=FILE cannot hold the cache: FILE is a file"),
     # 12, 14: data
     ("built-in eval_size too large", None, ["data.eval_size=1000000"], "more than the built-in task"),
     ("fewer rows than eval_size", None, ["data.dataset=DIR/small.jsonl", "data.eval_size=200"],
@@ -248,7 +258,7 @@ def _run_main(argv, capsys):
 
 
 @pytest.mark.parametrize("name, text, args, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, name, text, args, message):
+def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, monkeypatch, name, text, args, message):
     root, cache = world
     base = next(cache.glob("tiny-llama-*"))
     recipe = root / "r.yaml"
@@ -256,7 +266,9 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, name
         recipe.write_text(RECIPE.read_text())
     else:
         recipe.write_text(_place(text, root, base))
-    args = [_place(a, root, base) for a in args]
+    for variable, value in (a[len("env:"):].split("=", 1) for a in args if a.startswith("env:")):
+        monkeypatch.setenv(variable, _place(value, root, base))
+    args = [_place(a, root, base) for a in args if not a.startswith("env:")]
     if not any(a.startswith("output_dir=") for a in args) and (text is None or "output_dir" not in text):
         args.append(f"output_dir={root / 'run'}")
     before = _tree(root)
@@ -710,3 +722,41 @@ def test_the_next_conversion_removes_what_a_killed_one_left_and_nothing_else(tmp
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [target.name, foreign.name, alive.name, alive.name + OWNER_SUFFIX])
     assert (target / gguf_import.INFO).is_file() and not list(target.glob("*" + OWNER_SUFFIX))
+
+
+
+def test_a_read_only_cache_is_one_line_when_the_run_must_write_it(world, capsys, monkeypatch):
+    """As root (CI containers) permissions do not stop a write: there, the directory is reported not writable as
+    a read-only filesystem would report it (os.access)."""
+    root, _ = world
+    cache = root / "read_only_cache"
+    cache.mkdir()
+    monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(cache))
+    if os.geteuid() == 0:
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == cache else access(p, mode, **k))
+    else:
+        cache.chmod(0o555)
+    try:
+        code, out, err = _run_main([str(RECIPE), *TINY, f"output_dir={root / 'new'}"], capsys)
+    finally:
+        cache.chmod(0o755)
+    assert code == 2 and out == "" and not (root / "new").exists()
+    build = f"tiny-llama-{SMALL_BASE.fingerprint()}"
+    assert err == (f"error: model.name builtin:tiny-llama: FRUGAL_SPIN_CACHE={cache} is not writable (no permission "
+                   f"to write there) and does not hold {build} yet; set FRUGAL_SPIN_CACHE to a writable "
+                   f"directory (it holds built, converted and downloaded models), or unset it to use "
+                   f"~/.cache/frugal_spin\n")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_read_only_cache_that_holds_the_base_is_used(world, capsys, monkeypatch):
+    """Written only when something is missing: a shared read-only cache with the base built works."""
+    from frugal_spin.config import load_recipe
+    from frugal_spin.preflight import preflight
+
+    root, cache = world
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == cache else access(p, mode, **k))
+    recipe = load_recipe(RECIPE, [*TINY, f"output_dir={root / 'new'}"])
+    assert preflight(recipe).base_source.startswith(str(cache))
