@@ -760,3 +760,15 @@ def test_a_read_only_cache_that_holds_the_base_is_used(world, capsys, monkeypatc
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == cache else access(p, mode, **k))
     recipe = load_recipe(RECIPE, [*TINY, f"output_dir={root / 'new'}"])
     assert preflight(recipe).base_source.startswith(str(cache))
+
+@pytest.mark.parametrize("argv", [["export", "LONG", "DIR/out"], ["sample", "LONG", "--prompt", "hi"],
+                                  ["build-base", "--out", "LONG"]], ids=["export", "sample", "build-base"])
+def test_an_over_long_path_on_any_command_line_is_one_line(tmp_path, capsys, argv):
+    """The commands whose paths no recipe check sees: the filesystem's ENAMETOOLONG becomes one line."""
+    from frugal_spin.config import short
+
+    long = str(tmp_path / ("p" * 300))
+    argv = [a.replace("LONG", long).replace("DIR", str(tmp_path)) for a in argv]
+    code, out, err = _run_main(argv, capsys)
+    assert code == 2 and out == ""
+    assert err == f"error: a path is too long for the filesystem: {short(long)}\n"
