@@ -28,19 +28,58 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def resolve_revision(repo_id: str, repo_type: str = "model") -> str | None:
-    """The commit hash of `repo_id`'s default branch (see the module docstring), or None."""
+    """The commit hash of `repo_id`'s default branch (see the module docstring), or None. When the hub cannot be
+    reached, the rest of the process reads the hub cache only (`use_cache_only`): transformers would otherwise
+    retry every file it looks for five times with backoff (a cached tiny model's tokenizer took 120 s)."""
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         try:
             from huggingface_hub import HfApi
 
-            sha = HfApi().repo_info(repo_id, repo_type=repo_type).sha
+            sha = HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10).sha
             if sha:
                 return str(sha)
-        except Exception:  # no network, a private repo without a token: the cache may still know
-            pass
+        except Exception as exc:  # no network, a private repo without a token: the cache may still know
+            if unreachable(exc):
+                use_cache_only(f"the hub cannot be reached ({' '.join(str(exc).split())[:120]})")
     return cached_revision(repo_id, repo_type)
+
+
+# What httpx (huggingface_hub's client) and the standard library raise when no answer comes at all, by class name
+# (httpx's classes are not OSError subclasses).
+_UNREACHABLE = ("ConnectError", "ConnectTimeout", "ReadTimeout", "NetworkError", "TimeoutException", "ProxyError",
+                "ConnectionError", "TimeoutError", "gaierror")
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) says no server answered, as opposed to an answer that refused."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if any(cls.__name__ in _UNREACHABLE for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def use_cache_only(reason: str) -> None:
+    """From now on huggingface_hub (and transformers and datasets through it) read the local hub cache only, as
+    with HF_HUB_OFFLINE=1; said once, as a warning."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    from frugal_spin.ui import warn
+
+    warn(f"{reason}: reading the local hub cache only for the rest of this run (as with HF_HUB_OFFLINE=1)")
 
 
 def cached_revision(repo_id: str, repo_type: str = "model", cache_dir: str | Path | None = None) -> str | None:

@@ -772,3 +772,27 @@ def test_an_over_long_path_on_any_command_line_is_one_line(tmp_path, capsys, arg
     code, out, err = _run_main(argv, capsys)
     assert code == 2 and out == ""
     assert err == f"error: a path is too long for the filesystem: {short(long)}\n"
+
+
+def test_a_cached_hub_model_is_read_from_the_cache_without_retries_when_the_hub_is_unreachable(world, capsys,
+                                                                                             no_hub):
+    """transformers asks the hub about every file even when the cache has the model, retrying each five times
+    with backoff (120 s for a tiny model's tokenizer): the first unanswered request switches to the cache."""
+    from huggingface_hub import constants
+
+    from frugal_spin.config import load_recipe
+    from frugal_spin.preflight import preflight
+
+    root, cache = world
+    sha = "b" * 40
+    repo = Path(constants.HF_HUB_CACHE) / "models--org--tiny"
+    shutil.copytree(next(cache.glob("tiny-llama-*")), repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    recipe = load_recipe(RECIPE, [*TINY, "model.name=org/tiny", f"output_dir={root / 'new'}"])
+    checked = preflight(recipe)
+    assert checked.model_revision == sha and checked.tokenizer.chat_template
+    assert len(no_hub) <= 2  # the one request that found the hub unreachable (its client may look up twice)
+    assert capsys.readouterr().err == ("warning: the hub cannot be reached ([Errno -2] Name or service not known): "
+                                       "reading the local hub cache only for the rest of this run (as with "
+                                       "HF_HUB_OFFLINE=1)\n")
