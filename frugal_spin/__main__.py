@@ -81,9 +81,11 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
+    from frugal_spin.config import check_path_text
     from frugal_spin.report import render_report
     from frugal_spin.rundir import require_run_dir
 
+    check_path_text("run directory", args.run_dir)
     # report.md/json and the charts replace files of those names: only in a directory the tool owns.
     run_dir = require_run_dir(Path(args.run_dir), "report")
     render_report(run_dir)

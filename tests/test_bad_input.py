@@ -408,15 +408,18 @@ REPORT_CASES = [
 
 @pytest.mark.parametrize("name, raw, message", REPORT_CASES, ids=[c[0] for c in REPORT_CASES])
 def test_report_on_a_malformed_record_is_one_line_and_writes_nothing(tmp_path, capsys, name, raw, message):
+    rundir.write_identity(tmp_path)
     (tmp_path / "metrics.jsonl").write_bytes(raw)
+    before = _tree(tmp_path)
     code, out, err = _run_main(["report", str(tmp_path)], capsys)
     assert code == 2 and out == ""
     assert err == f"error: {tmp_path / 'metrics.jsonl'}:{message}\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert _tree(tmp_path) == before
 
 
 def test_report_ignores_a_recipe_that_is_not_utf8(tmp_path, capsys):
     """recipe.yaml is read only to tell a finished run from a partial one: a broken one leaves that unknown."""
+    rundir.write_identity(tmp_path)
     (tmp_path / "metrics.jsonl").write_bytes(_records_with())
     (tmp_path / "recipe.yaml").write_bytes(b"spin:\n  iterations: \xff\n")
     code, out, err = _run_main(["report", str(tmp_path)], capsys)
