@@ -48,7 +48,7 @@ for capability, dtype in [(75, "fp16"), (86, "bf16"), (86, "fp32"), (89, "fp16")
                         nested_absmax_ptr="*fp32", offset_ptr="*fp32")
         constexprs = dict(TRANSPOSE_W=transpose, NESTED=True, HAS_LOW_RANK=True, HAS_BIAS=bias, BLOCKSIZE=64,
                           NESTED_BLOCKSIZE=256, FP32_DOT=dtype == "fp32", BLOCK_M=nf4.BLOCK_M, BLOCK_N=nf4.BLOCK_N,
-                          BLOCK_K=nf4.BLOCK_K, BLOCK_R=rank_block)
+                          BLOCK_K=nf4.BLOCK_K, BLOCK_R=rank_block, K_INTERPRETED=0)  # 0: compiled, runtime K
         shared = compile_kernel(nf4._nf4_lora_matmul_kernel, pointers, constexprs, capability, nf4.LAUNCH_OPTIONS)
         results.append(["nf4_lora", capability, dtype, shared])
 lp = logprob_triton
@@ -56,7 +56,8 @@ for capability in (75, 86, 90):
     for write_grad in (False, True):
         shared = compile_kernel(lp._row_logprob_kernel,
                                 dict(logits_ptr="*fp32", targets_ptr="*i64", out_ptr="*fp32"),
-                                dict(WRITE_GRAD=write_grad, BLOCK_V=lp.BLOCK_V), capability, lp.LAUNCH_OPTIONS)
+                                dict(WRITE_GRAD=write_grad, BLOCK_V=lp.BLOCK_V, V_INTERPRETED=0), capability,
+                                lp.LAUNCH_OPTIONS)
         results.append(["logprob", capability, "fp32", shared])
 print("RESULTS " + json.dumps(results))
 '''

@@ -8,6 +8,11 @@ op(W) = W^T (forward: a = x [M, K], W [N, K]) or W (d x: a = g [M, K], W [K, N])
 nibbles, looks them up in the 16-entry code table and scales them by their block's absmax (itself dequantised
 from uint8 when double-quantised), then takes one dot. The rank-r term is one more dot in the epilogue, with
 r padded to BLOCK_R >= 16 (tl.dot's minimum).
+
+K_INTERPRETED: Triton 3.6's interpreter hands a runtime int to the kernel as a 1-element numpy array, and
+`range(0, K, ...)` then fails under numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars";
+Triton 3.7+ squeeze it). Interpreted calls therefore pass K once more as a constexpr (a plain Python int there);
+compiled calls pass 0, a single constant, so the compiled kernel keeps its runtime K and compiles as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 if TYPE_CHECKING:  # only for the annotation: nf4_lora imports this module lazily, and the graph stays one-way
     from frugal_spin.kernels.nf4_lora import NF4Weight
@@ -39,6 +45,7 @@ def _nf4_lora_matmul_kernel(
     TRANSPOSE_W: tl.constexpr, NESTED: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_INTERPRETED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -48,7 +55,7 @@ def _nf4_lora_matmul_kernel(
     col_ok = cols < N
     dot_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K_INTERPRETED if K_INTERPRETED > 0 else K, BLOCK_K):  # see the module docstring
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
@@ -92,6 +99,10 @@ def _nf4_lora_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# True when TRITON_INTERPRET was on as the kernel was decorated: the kernel then runs as Python on CPU tensors.
+INTERPRETED = isinstance(_nf4_lora_matmul_kernel, InterpretedFunction)
+
+
 def nf4_matmul(a: Tensor, weight: NF4Weight, *, transpose_weight: bool, low_rank_left: Tensor | None = None,
                low_rank_right: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """a [M, K] op(dequant(W)) + low_rank_left [M, r] low_rank_right [r, N] + bias [N] -> [M, N] in a's dtype.
@@ -120,6 +131,7 @@ def nf4_matmul(a: Tensor, weight: NF4Weight, *, transpose_weight: bool, low_rank
         TRANSPOSE_W=transpose_weight, NESTED=weight.nested, HAS_LOW_RANK=has_low_rank, HAS_BIAS=bias is not None,
         BLOCKSIZE=weight.blocksize, NESTED_BLOCKSIZE=weight.nested_blocksize, FP32_DOT=a.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))),
+        K_INTERPRETED=k if INTERPRETED else 0,
         **LAUNCH_OPTIONS,
     )
     return out
