@@ -14,10 +14,16 @@ two engines give different (equally distributed) samples.
 Memory: vLLM lives in the training process, taking `generation.vllm_gpu_memory_utilization` of the GPU for its
 weights and KV cache next to the 4-bit training model, for one generation stage only: `close()` frees it before
 scoring and training. vLLM is imported only here, and this module only when the recipe asks for it on a GPU.
+
+GPUs below compute capability 8.0 (a T4 is 7.5): vLLM's V1 engine runs there only through its Triton attention
+backend (its FlashAttention and FlashInfer backends need 8.0), so the engine is built with
+`attention_backend="TRITON_ATTN"` on such a GPU, and a vLLM too old to take that argument (its `EngineArgs` has no
+`attention_backend` field) is refused before any work with one line naming the GPU and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from typing import Any, Callable, Sequence
 
@@ -28,6 +34,24 @@ from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+# vLLM's only attention backend for NVIDIA GPUs below compute capability 8.0.
+PRE_AMPERE_ATTENTION_BACKEND = "TRITON_ATTN"
+
+
+def attention_backend_for(device: torch.device) -> str | None:
+    """The attention backend to ask vLLM for on `device`: Triton's below compute capability 8.0, else vLLM's own
+    choice (None)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return PRE_AMPERE_ATTENTION_BACKEND
+    return None
+
+
+def vllm_selects_attention_backend() -> bool:
+    """Whether this vLLM takes `attention_backend=` (an `EngineArgs` field since the V1 engine's AttentionConfig;
+    the older environment variable is ignored by current releases)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return "attention_backend" in {f.name for f in dataclasses.fields(EngineArgs)}
 
 
 def check_vllm(device: torch.device) -> None:
@@ -39,6 +63,17 @@ def check_vllm(device: torch.device) -> None:
     except ImportError:
         raise UserError("generation.engine: vllm is not installed (pip install 'frugal_spin[vllm]'), or use "
                         "generation.engine=hf") from None
+    if attention_backend_for(device) is not None and not vllm_selects_attention_backend():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"generation.engine: vllm on this GPU (compute capability {major}.{minor}, below 8.0) needs "
+                        f"vLLM's Triton attention backend, which vllm {_vllm_version()} cannot select; upgrade vllm "
+                        f"(pip install -U 'frugal_spin[vllm]') or use generation.engine=hf")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "(unknown version)"))
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -49,11 +84,14 @@ class VllmOpponent:
     """One vLLM engine over the base, for one generation stage; `close()` gives its GPU memory back."""
 
     def __init__(self, base_path: str, *, lora_rank: int, load_in_4bit: bool, dtype: torch.dtype,
-                 max_model_len: int, gpu_memory_utilization: float, seed: int, ranks: int = 1):
+                 max_model_len: int, gpu_memory_utilization: float, seed: int, ranks: int = 1,
+                 attention_backend: str | None = None):
         from vllm import LLM
 
         rank = next((r for r in LORA_RANKS if r >= lora_rank), lora_rank)
         extra: dict[str, Any] = {"quantization": "bitsandbytes"} if load_in_4bit else {}
+        if attention_backend is not None:  # below compute capability 8.0 (see the module docstring)
+            extra["attention_backend"] = attention_backend
         if ranks > 1:
             # Under torchrun every rank is one vLLM engine of a data-parallel group (vLLM's "external_launcher":
             # one worker per process, the prompts split by us); experimental in vLLM, not yet run on GPUs here.
@@ -110,7 +148,7 @@ def engine_factory(base_path: str, recipe, runtime, max_model_len: int, seed: in
     return lambda: VllmOpponent(base_path, lora_rank=recipe.lora.r, load_in_4bit=recipe.model.load_in_4bit,
                                 dtype=runtime.compute_dtype, max_model_len=max_model_len,
                                 gpu_memory_utilization=recipe.generation.vllm_gpu_memory_utilization, seed=seed,
-                                ranks=current_world().size)
+                                ranks=current_world().size, attention_backend=attention_backend_for(runtime.device))
 
 
 def generate_with_vllm(make_engine: Callable[[], Any], prompts: Sequence[Sequence[int]], adapter_dir: str, *,

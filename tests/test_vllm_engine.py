@@ -181,3 +181,80 @@ def test_the_engine_ignores_the_models_generation_config_and_stops_at_every_stop
     for i, p in enumerate(call["params"]):
         stopped = p["seed"] % 2  # the stand-in stops these without returning the stop token
         assert (answers[i][-1] == end) if stopped else len(answers[i]) == 3
+
+
+def _with_engine_args(monkeypatch, *, selects_backend: bool, version: str = "0.9.2"):
+    """The stand-in plus `vllm.engine.arg_utils.EngineArgs`, with or without the `attention_backend` field."""
+    import dataclasses
+
+    recorder = Recorder()
+    modules = _stand_in(recorder, EOS)
+    engine, arg_utils = types.ModuleType("vllm.engine"), types.ModuleType("vllm.engine.arg_utils")
+    fields = [("model", str, dataclasses.field(default=""))]
+    if selects_backend:
+        fields.append(("attention_backend", object, dataclasses.field(default=None)))
+    arg_utils.EngineArgs = dataclasses.make_dataclass("EngineArgs", fields)
+    modules["vllm"].engine, engine.arg_utils, modules["vllm"].__version__ = engine, arg_utils, version
+    modules.update({"vllm.engine": engine, "vllm.engine.arg_utils": arg_utils})
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return recorder
+
+
+# (compute capability, vLLM takes attention_backend=, the backend the engine is built with, the one-line error)
+T4_CASES = [
+    ((7, 5), True, "TRITON_ATTN", None),
+    ((7, 0), True, "TRITON_ATTN", None),
+    ((8, 0), True, None, None),
+    ((9, 0), False, None, None),  # an older vLLM is fine where its default backends run
+    ((7, 5), False, None, "generation.engine: vllm on this GPU (compute capability 7.5, below 8.0) needs vLLM's "
+                          "Triton attention backend, which vllm 0.9.2 cannot select; upgrade vllm (pip install -U "
+                          "'frugal_spin[vllm]') or use generation.engine=hf"),
+]
+
+
+@pytest.mark.parametrize("capability,selects,backend,error", T4_CASES)
+def test_below_compute_capability_8_vllm_uses_its_triton_attention_or_refuses(monkeypatch, capability, selects,
+                                                                              backend, error):
+    """vLLM's V1 engine runs on a T4 (7.5) only through its Triton attention backend (simulated GPU)."""
+    import torch
+
+    from frugal_spin import vllm_engine
+    from frugal_spin.errors import UserError
+
+    recorder = _with_engine_args(monkeypatch, selects_backend=selects)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    gpu = torch.device("cuda")
+    if error:
+        with pytest.raises(UserError) as refused:
+            vllm_engine.check_vllm(gpu)
+        assert str(refused.value) == error
+        return
+    vllm_engine.check_vllm(gpu)
+    recipe = types.SimpleNamespace(lora=types.SimpleNamespace(r=8), model=types.SimpleNamespace(load_in_4bit=True),
+                                   generation=types.SimpleNamespace(vllm_gpu_memory_utilization=0.3))
+    runtime = types.SimpleNamespace(device=gpu, compute_dtype=torch.float16)
+    vllm_engine.engine_factory("/base", recipe, runtime, max_model_len=64, seed=0)()
+    (engine,) = recorder.engines
+    assert engine.get("attention_backend") == backend
+    assert ("attention_backend" in engine) == (backend is not None)  # else vLLM picks its own
+
+
+def test_vllm_refused_on_a_t4_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    """The same refusal through the command line, on a simulated T4 with a vLLM that cannot select the backend:
+    one line, exit 2, no run directory."""
+    import torch
+
+    from frugal_spin import model as model_mod
+    from frugal_spin.__main__ import main
+
+    _with_engine_args(monkeypatch, selects_backend=False, version="0.10.1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    monkeypatch.setattr(model_mod, "unsloth_installed", lambda: False)
+    assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={tmp_path / 'r'}", "model.device=cuda",
+                 "generation.engine=vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: generation.engine: vllm on this GPU (compute capability 7.5, below 8.0)"), err
+    assert "vllm 0.10.1 cannot select" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
