@@ -8,9 +8,17 @@ process by monkeypatching `tiny_base._resolve_spec` to return it, in subprocesse
 import os
 from pathlib import Path
 
-import pytest
+# Before anything imports triton (bitsandbytes does): triton's own @jit library functions (tl.max, tl.sum,
+# tl.zeros) are decorated when triton is imported, and the interpreter (3.6 and 3.9 alike) cannot call ones
+# decorated with it off ("Cannot call @triton.jit'd outside of the scope of a kernel"); without this the kernel
+# tests failed whenever a module importing bitsandbytes (tests/test_resume.py) was collected before them.
+# Only the kernel tests use it (CPU tensors go to Triton only where a test forces it); the compile and CUDA tests
+# drop it in their subprocesses.
+os.environ["TRITON_INTERPRET"] = "1"
 
-from frugal_spin import tiny_base
+import pytest  # noqa: E402
+
+from frugal_spin import tiny_base  # noqa: E402
 
 SMALL_BASE = tiny_base.TinyBaseSpec(pretrain_steps=60)
 SMALL_BASE_PATCH = ("from frugal_spin import tiny_base; "

@@ -1,8 +1,9 @@
 """Parity of the Triton kernels with their torch references, on the CPU under Triton's interpreter.
 
 TRITON_INTERPRET is set here, at import, before any kernel is used: triton reads it when a kernel is decorated,
-and ours are decorated lazily on first use (see frugal_spin/kernels/dispatch.py), so this works even if another
-test module imported triton first. The Triton path is forced per test with FRUGAL_SPIN_TRITON=force (a fixture),
+and ours are decorated lazily on first use (see frugal_spin/kernels/dispatch.py). Triton's own library functions
+are decorated when triton is imported, and the interpreter cannot run them if that happened with it off, so
+tests/conftest.py sets it first of all too. The Triton path is forced per test with FRUGAL_SPIN_TRITON=force (a fixture),
 so the other test modules keep the default dispatch. `import triton` is deliberately not guarded: without
 triton (a dev-extra dependency on Linux x86_64) this module fails instead of skipping the parity checks.
 The interpreter computes bf16 wrongly, so parity runs in fp32 and fp16 only.
@@ -41,6 +42,17 @@ def force_triton(monkeypatch):
 
 
 # ---------------------------------------------------------------- dispatch
+
+
+def test_triton_itself_was_imported_with_the_interpreter_on():
+    """The interpreter fails on triton's own @jit functions (tl.max, tl.sum, tl.zeros: every kernel here uses
+    them) when triton was imported before TRITON_INTERPRET was set, as it is by any test module collected earlier
+    that imports bitsandbytes (`pytest tests/test_resume.py tests/test_kernels.py` failed); conftest sets it first,
+    so they are interpreter functions in this process."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert all(isinstance(fn, InterpretedFunction) for fn in (tl.max, tl.sum, tl.zeros))
 
 
 def test_dispatch_rules(monkeypatch):

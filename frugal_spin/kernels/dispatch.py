@@ -7,7 +7,9 @@ that only works under its interpreter (`TRITON_INTERPRET=1`), which numpy-execut
 Triton reads `TRITON_INTERPRET` when a kernel is *decorated* (`triton.jit` checks `knobs.runtime.interpret`
 then), not when triton is imported. Our kernels are decorated lazily, on the first call that needs them (the
 `*_triton.py` modules are imported inside the dispatching function), so setting both variables at the top of a
-test module, before any kernel is used, is enough even if something else imported triton earlier. A forced
+test module, before any kernel is used, is enough for our kernels even if something else imported triton earlier;
+but triton's own @jit functions (tl.max, tl.sum) are decorated when triton is imported, and the interpreter cannot
+call them if that happened with it off, so tests/conftest.py sets it before anything imports triton. A forced
 run on CPU tensors without the interpreter raises instead of failing somewhere inside triton's driver.
 `FRUGAL_SPIN_TRITON=off` disables the kernels everywhere (a switch for debugging a suspected kernel bug).
 
