@@ -189,3 +189,82 @@ def test_cpu_run_never_imports_unsloth(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+UNSLOTH_API_CHECK = r'''
+import inspect, json, os, types
+os.environ["UNSLOTH_ALLOW_CPU"] = "1"  # unsloth >= 2026.8 imports on a CPU-only torch with this (it loads no model)
+import torch
+from frugal_spin import unsloth_backend
+from frugal_spin.config import LoraSection, ModelConfig
+
+real = unsloth_backend.import_unsloth()
+calls = []
+
+
+class Recording:
+    """Stands in for FastLanguageModel while the backend runs, recording the keywords of every call."""
+
+    @staticmethod
+    def from_pretrained(**kwargs):
+        calls.append(("from_pretrained", kwargs))
+        model = torch.nn.Sequential()
+        model.add_module("q_proj", torch.nn.Linear(4, 4))
+        model.config = types.SimpleNamespace()
+        return model, None
+
+    @staticmethod
+    def get_peft_model(model, **kwargs):
+        calls.append(("get_peft_model", kwargs))
+        return model
+
+    @staticmethod
+    def for_inference(model):
+        calls.append(("for_inference", {}))
+
+    @staticmethod
+    def for_training(model, **kwargs):
+        calls.append(("for_training", kwargs))
+
+
+unsloth_backend.import_unsloth = lambda: Recording
+runtime = types.SimpleNamespace(compute_dtype=torch.float16, gradient_checkpointing=True)
+model = unsloth_backend.load_unsloth_model("some/model", ModelConfig(name="some/model"), LoraSection(r=4, alpha=8),
+                                           runtime, max_seq_length=32, seed=0, revision="main")
+unsloth_backend.for_inference(model)
+unsloth_backend.for_training(model, runtime)
+problems = []
+for name, kwargs in calls:
+    params = inspect.signature(getattr(real, name)).parameters
+    for key in kwargs:  # a keyword that only **kwargs would swallow is one unsloth does not know
+        if key not in params or params[key].kind is inspect.Parameter.VAR_KEYWORD:
+            problems.append(f"FastLanguageModel.{name} has no parameter {key!r}")
+import unsloth
+print("RESULT " + json.dumps({"version": unsloth.__version__, "calls": [c[0] for c in calls], "problems": problems}))
+'''
+
+
+def test_unsloth_backend_calls_match_the_real_unsloth_api(tmp_path):
+    """The stand-in above checks what the backend asks for; this checks that the real unsloth takes it: every keyword
+    the backend passes to FastLanguageModel's four methods is a named parameter of the installed release. unsloth
+    imports on the CPU with UNSLOTH_ALLOW_CPU=1 but loads models only on a GPU, so the calls themselves are recorded.
+    Runs where unsloth is installed: .ci/oldest installs `.[unsloth]` (unsloth 2026.10.9, constraints-oldest.txt)
+    and sets FRUGAL_SPIN_REQUIRE_UNSLOTH=1, which turns the skip below into a failure; the main environment has no
+    unsloth (its caps, transformers<=5.17, contradict constraints.txt). A subprocess: importing unsloth patches
+    transformers for the whole process."""
+    import importlib.util
+    import json
+    import os
+
+    if importlib.util.find_spec("unsloth") is None:
+        if os.environ.get("FRUGAL_SPIN_REQUIRE_UNSLOTH") == "1":
+            pytest.fail("FRUGAL_SPIN_REQUIRE_UNSLOTH=1 but unsloth is not installed")
+        pytest.skip("unsloth is not installed here; .ci/oldest runs this check against unsloth 2026.10.9")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # cwd: unsloth writes an unsloth_compiled_cache/ folder into the working directory on import
+    done = subprocess.run([sys.executable, "-c", UNSLOTH_API_CHECK], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["calls"] == ["from_pretrained", "get_peft_model", "for_inference", "for_training"]
+    assert result["problems"] == [], (result["version"], result["problems"])
