@@ -40,7 +40,7 @@ def test_ci_runs_exactly_the_readme_two_commands():
     assert tests == ["python -m pytest -q"]
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     commands = [line for line in ci if not line.startswith(("set ", "cd "))]
-    assert commands == [install_and_run[0], tests[0]]
+    assert commands == [install_and_run[0], tests[0], "bash .ci/oldest"]  # then the oldest supported versions
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
