@@ -35,7 +35,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    from frugal_spin.stages import file_digest  # the project's one file hash (sha256sum's)
+    from frugal_spin.fingerprints import file_digest  # the project's one file hash (sha256sum's)
 
     return file_digest(path)["sha256"]
 

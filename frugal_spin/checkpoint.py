@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from frugal_spin.io import mkdtemp, read_safetensors, write_json, write_safetensors
-from frugal_spin.stages import file_digest
+from frugal_spin.fingerprints import file_digest
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"

@@ -59,7 +59,8 @@ from frugal_spin.pipeline import Run, absolute_progress, prepared_run_dir
 from frugal_spin.preflight import preflight
 from frugal_spin.rundir import check_output_dir, claim, own_directory, refuse_wrong_root
 from frugal_spin.profiler import StageMeter
-from frugal_spin.stages import StageStore, fingerprint
+from frugal_spin.fingerprints import fingerprint
+from frugal_spin.stages import StageStore
 from frugal_spin.threads import apply_threads
 from frugal_spin.train import plan_windows, sft_step_fn, total_optimizer_steps, train_adapter
 

@@ -203,7 +203,7 @@ def export_stage(run_dir: str | Path, out_dir: str | Path, stage: str = "last", 
         from transformers import AutoTokenizer
 
         from frugal_spin.io import write_json, write_text
-        from frugal_spin.stages import file_digest
+        from frugal_spin.fingerprints import file_digest
 
         from frugal_spin.faults import crash_point
 

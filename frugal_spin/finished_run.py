@@ -99,7 +99,7 @@ def _eval_stage(name: str) -> str:
 def finished_stages(run_dir: Path) -> list[FinishedStage]:
     """Every stage whose training finished (its marker exists), in pipeline order (sft, iter_0, iter_1, ...); one
     whose adapter is missing or differs from the marker's SHA-256 carries `problem`."""
-    from frugal_spin.stages import file_digest
+    from frugal_spin.fingerprints import file_digest
 
     iterations = sorted(int(m.group(1)) for p in (run_dir / "stages").glob("iter_*.train.json")
                         if (m := re.match(r"^iter_(\d+)\.train\.json$", p.name)))

@@ -42,7 +42,8 @@ from frugal_spin.rundir import check_output_dir, open_run_dir, run_entries
 from frugal_spin.report import render_report
 from frugal_spin.scoring import score_pairs
 from frugal_spin.shared_prompt import packs_pairs, pair_tokens, probe_packing, probe_triple
-from frugal_spin.stages import StageStore, file_digest, fingerprint
+from frugal_spin.fingerprints import file_digest, fingerprint
+from frugal_spin.stages import StageStore
 from frugal_spin.threads import apply_threads
 from frugal_spin.turns import end_of_turn_id, scored_pair, stop_token_ids, truncation_counts
 from frugal_spin.train import (NonFiniteStreak, StepFn, TrainResult, sft_step_fn, spin_step_fn,

@@ -58,7 +58,7 @@ def default_cache_root() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    from frugal_spin.stages import file_digest  # the project's one file hash (sha256sum's)
+    from frugal_spin.fingerprints import file_digest  # the project's one file hash (sha256sum's)
 
     return file_digest(path)["sha256"]
 

@@ -15,35 +15,13 @@ duplicate or stale lines.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
 
 from frugal_spin.distributed import current as current_world
+from frugal_spin.fingerprints import file_digest
 from frugal_spin.io import write_json, write_jsonl
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """SHA-256 and size of a file (the same hash as `sha256sum`), or of every file under a directory (an adapter:
-    relative names and contents, in a stable order)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest, size = hashlib.sha256(), 0
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
-    return {"sha256": digest.hexdigest(), "bytes": size}
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (dataclasses as dicts, fingerprints of inputs as strings)."""
-    text = json.dumps(parts, sort_keys=True, default=lambda o: getattr(o, "__dict__", str(o)))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 
 import json
 
-from frugal_spin.stages import StageStore, fingerprint
+from frugal_spin.fingerprints import fingerprint
+from frugal_spin.stages import StageStore
 
 
 def test_marker_counts_only_with_the_same_fingerprint(tmp_path):
@@ -33,3 +34,28 @@ def test_a_torn_marker_is_not_trusted(tmp_path):
 def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_fingerprints_and_digests_keep_their_values():
+    """Both are formats on disk: every marker of every run directory holds them. A change here makes existing run
+    directories recompute everything (values computed before the hash moved into fingerprints.py)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Section:
+        x: int = 1
+
+    assert fingerprint("sft", "abc", {"epochs": 1.0, "lr": 2e-4}, 0) == "35410a074c4bf90b"
+    assert fingerprint(Section(), None, [1, 2]) == "ad5ef31060435ad7"
+
+
+def test_file_digest_is_sha256sum_for_a_file_and_names_plus_contents_for_a_directory(tmp_path):
+    from frugal_spin.fingerprints import file_digest
+
+    (tmp_path / "a").write_bytes(b"hello")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"x")
+    assert file_digest(tmp_path / "a") == {  # sha256sum of "hello"
+        "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", "bytes": 5}
+    assert file_digest(tmp_path) == {"sha256": "71dfe047c515eb1b137a6424e72221d187011141e338b7870885828228d2887e",
+                                     "bytes": 6}
