@@ -55,6 +55,7 @@ from frugal_spin.checkpoint import remove_checkpoint
 from frugal_spin.comparison import (EQUAL_STEPS, EQUAL_TIME, equal_time_budget, loss_arms, render_comparison,
                                     seeds_of, spin_steps_per_iteration)
 from frugal_spin.distributed import current as current_world
+from frugal_spin.plan import describe
 from frugal_spin.pipeline import Run, absolute_progress, prepared_run_dir
 from frugal_spin.preflight import preflight
 from frugal_spin.rundir import check_output_dir, claim, own_directory, refuse_wrong_root
@@ -183,7 +184,7 @@ class ContinuedSFT:
         adapter_dir, adapter_fp = run.run_dir / "sft" / "adapter", run.store.expected["sft"]
         for t, steps in enumerate(self.block_steps):
             adapter_dir, adapter_fp = self._train_block(t, steps, adapter_dir, adapter_fp)
-            evaluator.evaluate(f"block_{t}.eval", adapter_dir, adapter_fp, anchor_fp)
+            evaluator.evaluate(f"block_{t}.eval", adapter_dir, adapter_fp, anchor_fp, iteration=t)
         lm_eval_stage(run, self.store, f"block_{len(self.block_steps) - 1}.lm_eval", adapter_dir, adapter_fp)
 
     def _train_block(self, t: int, steps: int, start_dir: Path, start_fp: str) -> tuple[Path, str]:
@@ -205,10 +206,10 @@ class ContinuedSFT:
                                    on_step=absolute_progress(advance), checkpoint_dir=checkpoint_dir,
                                    fingerprint=fp, stage=f"{self.arm_dir.name}.block_{t}")
         save_adapter(run.model, adapter_dir)
-        self.store.complete(name, fp, "train", {
+        self.store.complete(name, fp, "sft", {
             **result.summary(), "learning_rate": cfg.learning_rate,
             "tokens_per_s": result.tokens / max(meter.wall_s, 1e-9), **meter.memory,
-            "loss_curve": result.losses}, meter.wall_s, outputs=[adapter_dir])
+            "loss_curve": result.losses}, meter.wall_s, outputs=[adapter_dir], iteration=t)
         remove_checkpoint(checkpoint_dir)
         return adapter_dir, fp
 
@@ -231,4 +232,4 @@ def lm_eval_stage(run: Run, store: StageStore, name: str, adapter_dir: Path, ada
         results = run_lm_eval(run.model, run.tokenizer, c.lm_eval_tasks, limit=c.lm_eval_limit,
                               include_path=str(include or ""), batch_size=run.recipe.eval.batch_size,
                               seed=run.recipe.seed)
-    store.complete(name, fp, "lm_eval", {**results, **meter.memory}, meter.wall_s)
+    store.complete(name, fp, "lm_eval", {**results, **meter.memory}, meter.wall_s, iteration=describe(name)[1])

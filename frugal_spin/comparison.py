@@ -35,6 +35,7 @@ from typing import Any
 from frugal_spin.config import Recipe
 from frugal_spin.errors import UserError
 from frugal_spin.io import write_json, write_text
+from frugal_spin.plan import OPPONENT_KINDS, TRAIN_KINDS, iteration_folder
 from frugal_spin.report import (DIAGNOSTIC_KEYS, DIAGNOSTIC_LABELS, EVAL_KEYS, LOG2, _ROLE_COLOURS, _save_png,
                                 build_report, iteration_diagnostics, logp_direction, read_records)
 
@@ -63,21 +64,28 @@ def seeds_of(recipe: Recipe) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- budgets
 
-def _records_by_stage(run_dir: Path) -> dict[str, dict[str, Any]]:
-    return {r["stage"]: r for r in read_records(run_dir)}
+def _of_kind(run_dir: Path, kinds: tuple[str, ...], iterations: int) -> list[list[dict[str, Any]]]:
+    """Per iteration t < iterations, the records of `run_dir` of these kinds at t (from their kind and iteration)."""
+    records = read_records(run_dir)
+    return [[r for r in records if r["kind"] in kinds and r["iteration"] == t] for t in range(iterations)]
+
+
+def _the_one(records: list[dict[str, Any]], what: str, run_dir: Path) -> dict[str, Any]:
+    if len(records) != 1:
+        raise UserError(f"compare: {run_dir} has {len(records)} {what} records where one is expected: rerun the "
+                        "compare command")
+    return records[0]
 
 
 def spin_steps_per_iteration(seed_dir: Path, iterations: int) -> list[int]:
     """Optimizer steps each SPIN iteration of a seed's run took (from its training markers)."""
-    records = _records_by_stage(seed_dir)
-    return [records[f"iter_{t}.train"]["metrics"]["optimizer_steps"] for t in range(iterations)]
+    return [_the_one(rs, f"SPIN training (iteration {t})", seed_dir)["metrics"]["optimizer_steps"]
+            for t, rs in enumerate(_of_kind(seed_dir, ("spin",), iterations))]
 
 
 def spin_iteration_seconds(seed_dir: Path, iterations: int) -> list[float]:
     """Wall time of each SPIN iteration's work: generating, scoring (previous pairs too) and training."""
-    records = _records_by_stage(seed_dir)
-    return [sum(records[f"iter_{t}.{part}"]["wall_time_s"] for part in ("generate", "score", "score_previous", "train")
-                if f"iter_{t}.{part}" in records) for t in range(iterations)]
+    return [sum(r["wall_time_s"] for r in rs) for rs in _of_kind(seed_dir, (*OPPONENT_KINDS, "spin"), iterations)]
 
 
 def equal_time_budget(seed_dir: Path, iterations: int, threshold: float) -> dict[str, Any]:
@@ -87,8 +95,8 @@ def equal_time_budget(seed_dir: Path, iterations: int, threshold: float) -> dict
     when its absolute value exceeds `threshold`. One SFT step's time is the equal-steps arm's training time divided
     by its steps (evaluation excluded on both sides: it is the same work for every arm)."""
     spin_s = spin_iteration_seconds(seed_dir, iterations)
-    sft_records = _records_by_stage(seed_dir / EQUAL_STEPS)
-    blocks = [sft_records[f"block_{t}.train"] for t in range(iterations)]
+    blocks = [_the_one(rs, f"continued-SFT block {t}", seed_dir / EQUAL_STEPS)
+              for t, rs in enumerate(_of_kind(seed_dir / EQUAL_STEPS, ("sft",), iterations))]
     sft_s = sum(b["wall_time_s"] for b in blocks)
     sft_steps = sum(b["metrics"]["optimizer_steps"] for b in blocks)
     step_s = sft_s / sft_steps
@@ -209,23 +217,14 @@ def _arm_records(compare_dir: Path, seed: int, arm: str) -> list[dict[str, Any]]
         return seed_records
     if not (seed_dir / arm / "metrics.jsonl").is_file():
         return None
-    shared = [r for r in seed_records if r["stage"] in ("setup", "sft", "anchor", "sft.eval")]
+    shared = [r for r in seed_records if r["iteration"] is None and r["kind"] != "lm_eval"]
     return shared + read_records(seed_dir / arm)
 
 
-def _point_of(stage: str, suffix: str = ".eval") -> str | None:
-    """The evaluation point ("sft", "iter_<t>") a stage named `sft<suffix>`, `iter_<t><suffix>` or
-    `block_<t><suffix>` belongs to (the SFT arms' block t sits at SPIN's iteration t)."""
-    if stage == "sft" + suffix:
-        return "sft"
-    for prefix in ("iter_", "block_"):
-        if stage.startswith(prefix) and stage.endswith(suffix):
-            return "iter_" + stage[len(prefix):-len(suffix)]
-    return None
-
-
-def _lm_eval_point(stage: str) -> str | None:
-    return _point_of(stage, ".lm_eval")
+def _point(iteration: int | None) -> str:
+    """The evaluation point of a record's iteration: "sft" before the first, else `iter_<t>` for every arm (an SFT
+    arm's block t sits at SPIN's iteration t), named like the SPIN iteration's folder."""
+    return "sft" if iteration is None else iteration_folder(iteration)
 
 
 LM_EVAL_PREFIX = "lm_eval:"
@@ -237,18 +236,11 @@ def _lm_eval_lower_is_better(key: str) -> bool:
     return any(word in key for word in ("perplexity", "bits_per_byte", "loss", "nll"))
 
 
-def _train_point(stage: str) -> str | None:
-    for prefix in ("iter_", "block_"):
-        if stage.startswith(prefix) and stage.endswith(".train"):
-            return "iter_" + stage[len(prefix):-len(".train")]
-    return None
-
-
 def collect(compare_dir: Path, seeds: list[int], iterations: int,
             spin_arms: dict[str, str] | None = None) -> dict[str, Any]:
     """Per arm: metrics per point and cost per phase, each a list over seeds (same order as `seeds`).
     `spin_arms` is {arm: loss} for the SPIN arms (compare.loss_arms); default: the one "spin" arm, loss sigmoid."""
-    points = ["sft"] + [f"iter_{t}" for t in range(iterations)]
+    points = [_point(None)] + [_point(t) for t in range(iterations)]
     spin_arms = spin_arms or {"spin": "sigmoid"}
     arms: dict[str, Any] = {}
     for arm in [*spin_arms, *SFT_ARM_LABELS]:
@@ -266,25 +258,24 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int,
             if is_spin_arm(arm):
                 for row in iteration_diagnostics(records):
                     for key, value in row.items():
-                        if key != "iteration" and value is not None and f"iter_{row['iteration']}" in diagnostics:
-                            diagnostics[f"iter_{row['iteration']}"].setdefault(key, []).append(value)
+                        if key != "iteration" and value is not None and _point(row["iteration"]) in diagnostics:
+                            diagnostics[_point(row["iteration"])].setdefault(key, []).append(value)
             for r in records:
-                point, train_point = _point_of(r["stage"]), _train_point(r["stage"])
-                if point in metrics:
+                point = _point(r["iteration"])
+                if r["kind"] == "eval" and point in metrics:
                     for key in EVAL_KEYS:
                         if r["metrics"].get(key) is not None:
                             metrics[point].setdefault(key, []).append(r["metrics"][key])
-                lm_point = _lm_eval_point(r["stage"])
-                if lm_point in metrics:  # harness results, standard errors left out (the seeds give the spread)
+                if r["kind"] == "lm_eval" and point in metrics:  # standard errors left out: the seeds give the spread
                     for key, value in r["metrics"].items():
                         if key not in _MEMORY_KEYS and "_stderr" not in key:
-                            metrics[lm_point].setdefault(LM_EVAL_PREFIX + key, []).append(value)
-                if train_point in steps:
-                    steps[train_point].append(r["metrics"]["optimizer_steps"])
-                    metrics[train_point].setdefault("train_loss", []).append(r["metrics"]["train_loss"])
+                            metrics[point].setdefault(LM_EVAL_PREFIX + key, []).append(value)
+                if r["kind"] in TRAIN_KINDS and point in steps:
+                    steps[point].append(r["metrics"]["optimizer_steps"])
+                    metrics[point].setdefault("train_loss", []).append(r["metrics"]["train_loss"])
             # Setup (loading the base and data) is left out: it is not part of either method's budget, and every
             # resume measures it again, so it would make a rerun's comparison differ with nothing redone.
-            for phase in build_report([r for r in records if r["stage"] != "setup"])["phases"]:
+            for phase in build_report([r for r in records if r["kind"] != "setup"])["phases"]:
                 entry = phases.setdefault(phase["phase"], {"role": phase["role"], "wall_time_s": [],
                                                            "peak_mem_gib": [], "memory_kind": phase["memory_kind"]})
                 entry["wall_time_s"].append(phase["wall_time_s"])
@@ -307,7 +298,7 @@ def collect(compare_dir: Path, seeds: list[int], iterations: int,
             "phases": {name: {"role": e["role"], "memory_kind": e["memory_kind"],
                               "wall_time_s": mean_std(e["wall_time_s"]), "peak_mem_gib": mean_std(e["peak_mem_gib"])}
                        for name, e in phases.items()},
-            "device": next((r["metrics"].get("device") for r in per_seed[0] if r["stage"] == "setup"), None),
+            "device": next((r["metrics"].get("device") for r in per_seed[0] if r["kind"] == "setup"), None),
         }
     return {"points": points, "arms": arms}
 

@@ -34,6 +34,7 @@ from frugal_spin.generate import AnswerLog, generate_answers
 from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk_full, read_jsonl, read_safetensors,
                             write_json, write_jsonl, write_safetensors, write_text)
 from frugal_spin.live_log import LiveLog
+from frugal_spin.plan import TRAIN_KINDS
 from frugal_spin.model import GENERATION_MERGED, GENERATION_UNMERGED, inference_mode, load_adapter_weights, \
     load_model, resolve_base_path, resolve_runtime, save_adapter
 from frugal_spin.preflight import Checked, preflight
@@ -181,10 +182,10 @@ class Run:
         def finish() -> None:
             save_adapter(self.model, adapter_dir)
             crash_point("sft.saved")
-            self.store.complete("sft", fp, "train", {**self._weights(), **result.summary(), **_batching(used),
+            self.store.complete("sft", fp, "sft", {**self._weights(), **result.summary(), **_batching(used),
                                                       "tokens_per_s": result.tokens / meter.wall_s,
                                                       **meter.memory, "loss_curve": result.losses}, meter.wall_s,
-                                outputs=[adapter_dir])
+                                outputs=[adapter_dir], iteration=None)
             remove_checkpoint(self.run_dir / "sft" / "checkpoint")
             (self.run_dir / "sft" / "oom_batching.json").unlink(missing_ok=True)
 
@@ -235,7 +236,7 @@ class Run:
     def _steps_done(self) -> int:
         """Optimizer steps of the run's finished training stages: the live curves' step offset (from the markers, so
         a resumed run logs at the same steps as an uninterrupted one)."""
-        return sum(int(r["metrics"].get("optimizer_steps", 0)) for r in self.store.records() if r["kind"] == "train")
+        return sum(int(r["metrics"].get("optimizer_steps", 0)) for r in self.store.records() if r["kind"] in TRAIN_KINDS)
 
     def _oom_advice(self, section: str) -> str:
         """What the planner says fits this GPU, or how to ask it."""
@@ -274,7 +275,7 @@ class Run:
             write_safetensors(logps_path, logps, metadata={"fingerprint": fp,
                                                            "pairs_sha256": file_digest(pairs_path)["sha256"]})
             tokens = self._scored_tokens(rows) + sum(len(x["generated_ids"]) for x in rows)
-            self.store.complete("anchor", fp, "generate", {**self._weights(merged),  # tokens: generated, then scored
+            self.store.complete("anchor", fp, "anchor", {**self._weights(merged),  # tokens: generated, then scored
                 "pairs": len(rows), "tokens": tokens, "tokens_per_s": tokens / (gen.wall_s + score.wall_s),
                 "mean_answer_tokens": sum(len(x["generated_ids"]) for x in rows) / max(1, len(rows)),
                 **self._answer_diagnostics(rows), **_max_memory(gen, score)}, gen.wall_s + score.wall_s,
@@ -284,7 +285,8 @@ class Run:
         self.world.write(finish)
         return fp
 
-    def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str) -> None:
+    def evaluate(self, name: str, adapter_dir: Path, adapter_fp: str, anchor_fp: str,
+                 iteration: int | None = None) -> None:
         r = self.recipe
         fp = fingerprint("eval", adapter_fp, anchor_fp, asdict(r.eval), r.spin.beta_at(0))
         if self.store.completed(name, fp):
@@ -336,7 +338,8 @@ class Run:
             advance()
         self.world.write(self.store.complete, name, fp, "eval", {**self._weights(sampling_merged), **metrics,
                                                                  "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
-                                                                 **meter.memory}, meter.wall_s)
+                                                                 **meter.memory}, meter.wall_s,
+                         iteration=iteration)
         self.live.evaluation(metrics, self._steps_done())
 
     def spin_iteration(self, t: int, opponent_dir: Path, opponent_fp: str) -> str:
@@ -355,7 +358,7 @@ class Run:
             self._generate_iteration(t, pairs_path, gen_fp, opponent_dir)
         if not self.store.completed(f"iter_{t}.score", score_fp) and \
                 not self._reuse_shared(f"iter_{t}.score", score_fp, [logps_path]):
-            self._score_stage(f"iter_{t}", f"iter_{t}.score", score_fp, pairs_path, logps_path)
+            self._score_stage(f"iter_{t}", f"iter_{t}.score", score_fp, pairs_path, logps_path, t)
 
         previous_fp = self._score_previous_pairs(t, opponent) if r.spin.mix_previous_pairs and t > 0 else None
         beta = r.spin.beta_at(t)
@@ -384,7 +387,7 @@ class Run:
             save_adapter(self.model, adapter_dir)
             crash_point(f"iter_{t}.train.saved")
             summary = result.summary()
-            self.store.complete(f"iter_{t}.train", train_fp, "train",
+            self.store.complete(f"iter_{t}.train", train_fp, "spin",
                                 {**self._weights(), **summary, **_batching(used), "pairs": len(rows), "beta": beta,
                                  "loss": r.spin.loss, **truncation_counts(rows, self.stop_ids),
                                  # The player's log-prob change against this iteration's opponent, in nats per
@@ -395,7 +398,7 @@ class Run:
                                  "tokens_per_s": result.tokens / meter.wall_s, **meter.memory,
                                  "loss_curve": result.losses,
                                  "margin_curve": result.metrics.get("reward_margin", [])},
-                                meter.wall_s, outputs=[adapter_dir])
+                                meter.wall_s, outputs=[adapter_dir], iteration=t)
             remove_checkpoint(it_dir / "checkpoint")
             (it_dir / "oom_batching.json").unlink(missing_ok=True)
 
@@ -417,7 +420,7 @@ class Run:
         if self.store.completed(f"iter_{t}.score_previous", fp):
             return fp
         self._score_stage(f"iter_{t} previous", f"iter_{t}.score_previous", fp,
-                          self.iter_root / f"iter_{t - 1}" / "pairs.jsonl", path)
+                          self.iter_root / f"iter_{t - 1}" / "pairs.jsonl", path, t)
         return fp
 
     def _reuse_shared(self, name: str, fp: str, outputs: list[Path]) -> bool:
@@ -436,7 +439,7 @@ class Run:
             for path in outputs:
                 copy_file(self.shared.run_dir / path.relative_to(self.store.run_dir), path)
             self.store.complete(name, fp, record["kind"], {**record["metrics"], "reused_from": source},
-                                record["wall_time_s"], outputs=outputs)
+                                record["wall_time_s"], outputs=outputs, iteration=record["iteration"])
 
         self.world.write(finish)
         ui.note(f"[dim]{name}: same as the seed run's (fingerprint {fp}), copied[/dim]")
@@ -464,7 +467,7 @@ class Run:
                 "mean_answer_tokens": gen_tokens / max(1, len(rows)), **self._answer_diagnostics(rows),
                 "answers_without_eos": sum(1 for x in rows if not set(x["generated_ids"][-1:]) & set(self.stop_ids)),
                 **truncation_counts(rows, self.stop_ids),
-                **gen.memory}, gen.wall_s, outputs=[pairs_path])
+                **gen.memory}, gen.wall_s, outputs=[pairs_path], iteration=t)
             AnswerLog.remove(log_path)
 
         self.world.write(finish)
@@ -477,7 +480,7 @@ class Run:
         return {**answer_diagnostics(rows, self.tokenizer.all_special_ids),
                 "end_token_rate": end_token_rate(len(rows), without_end)}
 
-    def _score_stage(self, label: str, stage: str, fp: str, pairs_path: Path, logps_path: Path) -> None:
+    def _score_stage(self, label: str, stage: str, fp: str, pairs_path: Path, logps_path: Path, t: int) -> None:
         """Score a pairs file with the loaded adapter into `logps_path` (the cache carries the stage fingerprint
         and the pairs' hash in its metadata), then mark the stage complete."""
         rows = read_jsonl(pairs_path)
@@ -491,7 +494,7 @@ class Run:
                 "sequences": 2 * len(rows), "tokens": tokens, "tokens_per_s": tokens / meter.wall_s,
                 "opponent_real_logp_mean": logps["real"].mean().item(),
                 "opponent_generated_logp_mean": logps["generated"].mean().item(), **meter.memory}, meter.wall_s,
-                outputs=[logps_path])
+                outputs=[logps_path], iteration=t)
 
         self.world.write(finish)
 
@@ -573,7 +576,7 @@ class Run:
         for t in range(self.recipe.spin.iterations):
             player_fp = self.spin_iteration(t, opponent_dir, opponent_fp)
             opponent_dir, opponent_fp = self.iter_root / f"iter_{t}" / "adapter", player_fp
-            self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp)
+            self.evaluate(f"iter_{t}.eval", opponent_dir, player_fp, anchor_fp, iteration=t)
         return opponent_fp
 
     def execute(self) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ rename), into that directory:
 - `metrics.png` - the evaluation metrics across SFT, iter0, iter1, ... and the training loss curves (SFT, then each
   SPIN iteration, concatenated along optimizer steps with a line at every stage boundary).
 
-Inputs: `metrics.jsonl` (one object per finished stage, in pipeline order: `stage`, `kind`, `metrics`,
-`wall_time_s`) and, when present, `recipe.yaml` (only `spin.iterations` is read, to tell a finished run from a
+Inputs: `metrics.jsonl` (one object per finished stage, in pipeline order: `stage`, `kind`, `iteration`,
+`metrics`, `wall_time_s`; records written before `iteration` existed get both from their name, plan.py) and, when present, `recipe.yaml` (only `spin.iterations` is read, to tell a finished run from a
 partial one). Missing later stages are fine: the report covers what is there, so it can be rendered while a run is
 going on or after it stopped. A missing directory or `metrics.jsonl`, or a line that is not a stage record, is a
 `UserError` naming the file and line.
@@ -25,8 +25,9 @@ prepare the opponent's data for iteration t) and `iter<t>` (SPIN training). Setu
 their own phases (`setup`, `SFT eval` = the anchor answers plus `sft.eval`, `iter<t> eval`) instead of being
 folded into a neighbour: folding would charge evaluation time to training and so distort the brief's comparison
 of SPIN and SFT training time, while dropping them would make the timeline disagree with the total. Every stage
-lands in exactly one phase, so the phases sum to the total wall time. A stage this module does not know becomes a
-phase of its own, named after it.
+lands in exactly one phase, so the phases sum to the total wall time. A phase follows from a record's `kind` and
+`iteration` (`_phase_of`), never from its name; a kind this module does not know becomes a phase of its own, named
+after the stage.
 
 Assumptions: stages ran one after another, so a phase starts where the previous one ended. The wall times are the
 ones recorded when each stage ran; a resumed run keeps the times of the stages it skipped, so the timeline is the
@@ -41,26 +42,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from frugal_spin.errors import UserError
 from frugal_spin.io import write_json, write_text
+from frugal_spin.plan import OPPONENT_KINDS, TRAIN_KINDS, with_kind_and_iteration
 
 EVAL_KEYS = ("heldout_nll", "spin_loss", "reward_margin", "reward_accuracy", "exact_match")
 TRAIN_KEYS = ("optimizer_steps", "train_loss", "train_reward_margin", "train_reward_accuracy")
 # Keys that are per-stage cost (reported in their own columns) or bulky lists: not repeated under "metrics".
 _COST_KEYS = {"tokens", "tokens_per_s", "peak_mem_gib", "peak_reserved_gib", "peak_rss_gib"}
-_ITER_STAGE = re.compile(r"^iter_(\d+)\.(generate|score|score_previous|train|eval)$")
-# The continued-SFT arms of `compare` train and evaluate in blocks matched to the SPIN iterations.
-_BLOCK_STAGE = re.compile(r"^block_(\d+)\.(train|eval)$")
 LOG2 = math.log(2.0)
 
 # Diagnostics per SPIN iteration: where SPIN's margin comes from (the player's log-prob change on real and on
-# generated answers) and what the opponent's answers look like (diagnostics.py), by the stage that records them.
+# generated answers) and what the opponent's answers look like (diagnostics.py), by the kind of stage that records
+# them.
 DIAGNOSTIC_KEYS = {"generate": ("identical_share", "near_share", "mean_answer_tokens", "end_token_rate"),
-                   "train": ("real_logp_change", "generated_logp_change"),
+                   "spin": ("real_logp_change", "generated_logp_change"),
                    "eval": ("anchor_real_logp_change", "anchor_generated_logp_change")}
 DIAGNOSTIC_LABELS = {
     "identical_share": "opponent answers = real", "near_share": "opponent answers near real (sim >= 0.9)",
@@ -112,7 +111,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{lineno}: not a stage record (a number too long to read)") from None
         except RecursionError:
             raise UserError(f"{path}:{lineno}: nested too deeply to be a stage record") from None
-        records.append(_check_record(record, path, lineno))
+        records.append(with_kind_and_iteration(_check_record(record, path, lineno)))
     if not records:
         raise UserError(f"{path} holds no stage records")
     return records
@@ -146,6 +145,9 @@ def _check_record(record: Any, path: Path, lineno: int) -> dict[str, Any]:
             raise UserError(f"{where}: {key!r} has the wrong type ({type(record[key]).__name__})")
     if not _number(record["wall_time_s"], finite=True) or record["wall_time_s"] < 0:
         raise UserError(f"{where}: wall_time_s must be a finite number >= 0, got {str(record['wall_time_s'])[:40]}")
+    iteration = record.get("iteration")
+    if iteration is not None and (not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0):
+        raise UserError(f"{where}: 'iteration' must be null or a count >= 0, got {str(iteration)[:40]}")
     for key, value in record["metrics"].items():
         if value is None:
             continue
@@ -194,42 +196,42 @@ def _scalars(metrics: dict[str, Any], skip: set[str]) -> dict[str, Any]:
             if k not in skip and (v is None or isinstance(v, (int, float, str, bool)))}
 
 
-def _phase_of(stage: str) -> tuple[str, str]:
-    """(phase label, role) of a stage name."""
-    if stage == "setup":
+def _block_iterations(records: list[dict[str, Any]]) -> set[int]:
+    """The iterations at which these records train continued-SFT blocks (a `compare` SFT arm) rather than SPIN: their
+    evaluations are the blocks' ("block<t> eval")."""
+    return {r["iteration"] for r in records if r["kind"] == "sft" and r["iteration"] is not None}
+
+
+def _phase_of(record: dict[str, Any], blocks: set[int]) -> tuple[str, str]:
+    """(phase label, role) of a stage record, from its kind and iteration."""
+    kind, t = record["kind"], record["iteration"]
+    if kind == "setup":
         return "setup", "setup"
-    if stage == "sft":
-        return "SFT", "sft"
-    if stage in ("anchor", "sft.eval"):
+    if kind == "sft":
+        return ("SFT", "sft") if t is None else (f"SFT block{t}", "sft")
+    if kind == "anchor" or (kind == "eval" and t is None):  # the anchor answers prepare every evaluation
         return "SFT eval", "eval"
-    m = _ITER_STAGE.match(stage)
-    if m:
-        t, step = m.groups()
-        if step in ("generate", "score", "score_previous"):  # all three prepare the opponent's data
-            return f"iter{t} generate", "generate"
-        if step == "train":
-            return f"iter{t}", "spin"
-        return f"iter{t} eval", "eval"
-    m = _BLOCK_STAGE.match(stage)
-    if m:
-        t, step = m.groups()
-        return (f"SFT block{t}", "sft") if step == "train" else (f"block{t} eval", "eval")
-    return stage, "other"
+    if kind in OPPONENT_KINDS and t is not None:  # generating and scoring both prepare the opponent's data
+        return f"iter{t} generate", "generate"
+    if kind == "spin" and t is not None:
+        return f"iter{t}", "spin"
+    if kind == "eval":
+        return f"{_point_label(t, blocks)} eval", "eval"
+    return record["stage"], "other"
 
 
-def _eval_label(stage: str) -> str:
-    if stage == "sft.eval":
-        return "SFT"
-    m = _ITER_STAGE.match(stage)
-    return f"iter{m.group(1)}" if m else stage
+def _point_label(t: int | None, blocks: set[int]) -> str:
+    """What an evaluation at iteration t follows: SFT, SPIN iteration t, or continued-SFT block t."""
+    return "SFT" if t is None else f"block{t}" if t in blocks else f"iter{t}"
 
 
 def _phases(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Only consecutive stages merge: a label that came back later would otherwise get one start for two spans.
     phases: list[dict[str, Any]] = []
     start = 0.0
+    blocks = _block_iterations(stages)
     for s in stages:
-        label, role = _phase_of(s["stage"])
+        label, role = _phase_of(s, blocks)
         if not phases or phases[-1]["phase"] != label:
             phases.append({"phase": label, "role": role, "stages": [], "start_s": start, "wall_time_s": 0.0,
                            "peak_mem_gib": None, "memory_kind": None})
@@ -245,24 +247,28 @@ def _phases(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_report(records: list[dict[str, Any]], expected_iterations: int | None = None) -> dict[str, Any]:
     """The report dict from checked stage records (no files touched)."""
     stages, evaluations, training, curves = [], [], [], []
+    records = [with_kind_and_iteration(r) for r in records]
+    blocks = _block_iterations(records)
     for r in records:
         m = r["metrics"]
         mem, kind = _memory(m)
-        row = {"stage": r["stage"], "kind": r["kind"], "wall_time_s": r["wall_time_s"], "tokens": m.get("tokens"),
+        row = {"stage": r["stage"], "kind": r["kind"], "iteration": r["iteration"], "wall_time_s": r["wall_time_s"],
+               "tokens": m.get("tokens"),
                "tokens_per_s": m.get("tokens_per_s"), "peak_mem_gib": mem, "memory_kind": kind}
         if "peak_reserved_gib" in m:
             row["peak_reserved_gib"] = m["peak_reserved_gib"]
         row["metrics"] = _scalars(m, _COST_KEYS)
         stages.append(row)
         if r["kind"] == "eval":
-            evaluations.append({"stage": r["stage"], "label": _eval_label(r["stage"]),
+            evaluations.append({"stage": r["stage"], "label": _point_label(r["iteration"], blocks),
                                 **{k: m.get(k) for k in EVAL_KEYS}, "samples": list(m.get("samples") or [])})
-        if r["kind"] == "train":
+        if r["kind"] in TRAIN_KINDS:
             training.append({"stage": r["stage"], **{k: m.get(k) for k in TRAIN_KEYS}})
-            curves.append({"stage": r["stage"], "loss_curve": list(m.get("loss_curve") or []),
+            curves.append({"stage": r["stage"], "kind": r["kind"], "iteration": r["iteration"],
+                           "loss_curve": list(m.get("loss_curve") or []),
                            "margin_curve": list(m.get("margin_curve") or [])})
 
-    setup = next((r["metrics"] for r in records if r["stage"] == "setup"), {})
+    setup = next((r["metrics"] for r in records if r["kind"] == "setup"), {})
     data = {k: v for k, v in setup.items()
             if k in ("train_examples", "heldout_examples") or k.startswith(("skipped_", "truncated_"))}
     mems = [s for s in stages if s["peak_mem_gib"] is not None]
@@ -272,8 +278,7 @@ def build_report(records: list[dict[str, Any]], expected_iterations: int | None 
     for p in phases:
         by_role[p["role"]] = by_role.get(p["role"], 0.0) + p["wall_time_s"]
 
-    names = {s["stage"] for s in stages}
-    last_eval = "sft.eval" if expected_iterations == 0 else f"iter_{(expected_iterations or 0) - 1}.eval"
+    last_eval = None if expected_iterations == 0 else (expected_iterations or 0) - 1  # its iteration
     return {
         "stages": stages,
         "evaluations": evaluations,
@@ -288,28 +293,32 @@ def build_report(records: list[dict[str, Any]], expected_iterations: int | None 
         "compute_dtype": setup.get("compute_dtype"),
         "data": data,
         "spin_iterations_planned": expected_iterations,
-        "complete": None if expected_iterations is None else last_eval in names,
+        "complete": None if expected_iterations is None else any(r["kind"] == "eval" and r["iteration"] == last_eval
+                                                                  for r in records),
         "last_stage": stages[-1]["stage"],
         # Curves are for the chart; kept in the JSON so the figure can be redrawn from report.json alone.
         "curves": curves,
         "diagnostics": iteration_diagnostics(records),
-        "anchor_diagnostics": {k: v for k, v in next((r["metrics"] for r in records if r["stage"] == "anchor"),
+        "anchor_diagnostics": {k: v for k, v in next((r["metrics"] for r in records if r["kind"] == "anchor"),
                                                      {}).items() if k in DIAGNOSTIC_KEYS["generate"]},
     }
 
 
 def iteration_diagnostics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per SPIN iteration t found in `records`: the diagnostics of its pairs (sampled by its opponent,
-    `iter_<t>.generate`), the player's log-prob change on them against that opponent (`iter_<t>.train`: nats per
-    answer over the last optimizer steps) and on the held-out anchor pairs against the SFT model (`iter_<t>.eval`).
-    A key a stage did not record (a run made before it existed, a stage not finished) is None."""
-    by_stage = {r["stage"]: r["metrics"] for r in records}
+    """One row per SPIN iteration t found in `records`: the diagnostics of its pairs (sampled by its opponent, the
+    `generate` stage of iteration t), the player's log-prob change on them against that opponent (its `spin` stage:
+    nats per answer over the last optimizer steps) and on the held-out anchor pairs against the SFT model (its
+    `eval`). A key a stage did not record (a run made before it existed, a stage not finished) is None."""
+    records = [with_kind_and_iteration(r) for r in records]
+    if _block_iterations(records):
+        return []  # a continued-SFT arm: no opponent, no SPIN
+    by_kind = {(r["kind"], r["iteration"]): r["metrics"] for r in records}
     rows = []
     t = 0
-    while any(f"iter_{t}.{part}" in by_stage for part in DIAGNOSTIC_KEYS):
+    while any((kind, t) in by_kind for kind in DIAGNOSTIC_KEYS):
         row: dict[str, Any] = {"iteration": t}
-        for part, keys in DIAGNOSTIC_KEYS.items():
-            metrics = by_stage.get(f"iter_{t}.{part}", {})
+        for kind, keys in DIAGNOSTIC_KEYS.items():
+            metrics = by_kind.get((kind, t), {})
             row.update({k: metrics.get(k) for k in keys})
         rows.append(row)
         t += 1
@@ -535,15 +544,15 @@ def _metrics_png(report: dict[str, Any], path: Path) -> None:
     # SFT loss (per-token NLL, ~1-10) and SPIN loss (a logistic loss starting at log 2) live on different scales:
     # one shared axis would flatten the SPIN curves, so they get their own axis on the right.
     sft_ax = fig.add_subplot(grid[1, :])
-    spin_ax = sft_ax.twinx() if any(c["stage"] != "sft" for c in report["curves"]) else None
+    spin_ax = sft_ax.twinx() if any(c["kind"] != "sft" for c in report["curves"]) else None
     spin_colours = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     step, handles, spin_i, spin_start = 0, [], 0, None
     for c in report["curves"]:
         curve = c["loss_curve"]
         if step > 0:
             sft_ax.axvline(step + 0.5, color="black", linewidth=0.8, linestyle=":")
-        is_sft = c["stage"] == "sft"
-        name = "SFT" if is_sft else _phase_of(c["stage"])[0]
+        is_sft = c["kind"] == "sft"
+        name = _phase_of(c, set())[0]
         ax = sft_ax if is_sft or spin_ax is None else spin_ax
         colour = _ROLE_COLOURS["sft"] if is_sft else spin_colours[spin_i % len(spin_colours)]
         spin_i += 0 if is_sft else 1

@@ -11,6 +11,9 @@ through the fingerprints, everything downstream) run again, with a warning; it i
 
 `metrics.jsonl` is rebuilt from the markers after every stage, in pipeline order, so a resumed run never holds
 duplicate or stale lines.
+
+Every marker and record carries the stage's `kind` and `iteration` (plan.py); markers written before records had
+`iteration` are read with both as this version names them (`plan.with_kind_and_iteration`), without being rewritten.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Iterable
 from frugal_spin.distributed import current as current_world
 from frugal_spin.fingerprints import file_digest
 from frugal_spin.io import write_json, write_jsonl
+from frugal_spin.plan import with_kind_and_iteration
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -81,7 +85,7 @@ class StageStore:
 
                 warn(f"{name}: {rel} is {problem}; recomputing the stage")
                 return None
-        return record
+        return with_kind_and_iteration(record)
 
     @staticmethod
     def _output_problem(path: Path, expected: dict[str, Any]) -> str | None:
@@ -95,10 +99,11 @@ class StageStore:
         return None
 
     def complete(self, name: str, fp: str, kind: str, metrics: dict[str, Any], wall_time_s: float,
-                 outputs: Iterable[Path] = ()) -> dict[str, Any]:
+                 outputs: Iterable[Path] = (), iteration: int | None = None) -> dict[str, Any]:
         """Write the stage's marker, last: its outputs must already be in place (they are hashed here)."""
         self.expected[name] = fp
-        record = {"stage": name, "kind": kind, "metrics": metrics, "wall_time_s": round(wall_time_s, 3),
+        record = {"stage": name, "kind": kind, "iteration": iteration, "metrics": metrics,
+                  "wall_time_s": round(wall_time_s, 3),
                   "fingerprint": fp,
                   "outputs": {str(Path(p).relative_to(self.run_dir)): file_digest(p) for p in outputs}}
         write_json(self._marker(name), record)
@@ -116,7 +121,7 @@ class StageStore:
             path = self._marker(name)
             record = read_marker(path) if path.is_file() else None
             if record is not None and record.get("fingerprint") == fp:
-                out.append(record)
+                out.append(with_kind_and_iteration(record))
         return out
 
     def write_metrics(self) -> None:

@@ -52,6 +52,14 @@ def _records(iterations: int, cuda: bool = False) -> list[dict]:
     return recs
 
 
+def _as_written_now(records: list[dict]) -> list[dict]:
+    """The records as this version writes them: every training stage's kind says what it trains, and every record
+    carries its iteration (the records above are as runs wrote them before)."""
+    from frugal_spin.plan import describe
+
+    return [{**r, "kind": describe(r["stage"])[0], "iteration": describe(r["stage"])[1]} for r in records]
+
+
 def _run_dir(tmp_path: Path, records: list[dict], iterations: int | None = None) -> Path:
     run = tmp_path / "run"
     run.mkdir()
@@ -69,6 +77,24 @@ def _assert_png(path: Path) -> None:
 
 def _phase_summary(report: dict) -> list[tuple[str, list[str], float]]:
     return [(p["phase"], p["stages"], p["wall_time_s"]) for p in report["phases"]]
+
+
+def test_records_of_this_version_and_of_the_earlier_one_give_the_same_report(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = render_report(_run_dir(tmp_path / "old", _records(iterations=2), iterations=2))
+    new = render_report(_run_dir(tmp_path / "new", _as_written_now(_records(iterations=2)), iterations=2))
+    assert [r["kind"] for r in new["stages"]][:4] == ["setup", "sft", "anchor", "eval"]
+    assert old == new
+    assert (tmp_path / "old" / "run" / "report.md").read_text() == (tmp_path / "new" / "run" / "report.md").read_text()
+
+
+def test_phases_follow_from_kind_and_iteration_not_from_the_name(tmp_path):
+    renamed = [{**r, "stage": f"stage_{i}"} for i, r in enumerate(_as_written_now(_records(iterations=1)))]
+    report = render_report(_run_dir(tmp_path, renamed, iterations=1))
+    assert [p["phase"] for p in report["phases"]] == ["setup", "SFT", "SFT eval", "iter0 generate", "iter0",
+                                                      "iter0 eval"]
+    assert report["complete"] and [e["label"] for e in report["evaluations"]] == ["SFT", "iter0"]
 
 
 def test_full_run_writes_files_with_the_input_numbers(tmp_path):
@@ -131,7 +157,7 @@ def test_full_run_writes_files_with_the_input_numbers(tmp_path):
     md = (run / "report.md").read_text()
     assert "![timeline](timeline.png)" in md and "![metrics](metrics.png)" in md
     assert "`SFT 10.0s | iter0 generate 4.5s | iter0 6.0s | iter1 generate 5.5s | iter1 8.0s`" in md
-    assert "| iter_1.train | train | 8.00 | 5,000 | 625 | 0.8 |" in md
+    assert "| iter_1.train | spin | 8.00 | 5,000 | 625 | 0.8 |" in md  # these records' "train", as plan.py names it
     assert "| iter1 | 2.2 | 0.5 | 0.4 | 0.8 | 0.3 |" in md
     assert "| train_examples | 100 |" in md
     assert "Partial run" not in md and "reserved" not in md
@@ -236,7 +262,7 @@ def test_diverged_run_with_nan_values_still_renders(tmp_path):
     run = _run_dir(tmp_path, records, iterations=1)
     report = render_report(run)
     assert math.isnan(report["evaluations"][1]["heldout_nll"])
-    assert "| sft | train | 10.00 | 4,000 | nan |" in (run / "report.md").read_text()
+    assert "| sft | sft | 10.00 | 4,000 | nan |" in (run / "report.md").read_text()
     _assert_png(run / "metrics.png")
 
 
