@@ -37,24 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "(an entry there with a name the run writes, e.g. report.md or base/, is refused, "
                              "never replaced)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the recipe and print the resolved plan without loading weights or data")
+                        help="apply the run's checks that load nothing (output directory, model and data references) "
+                             "and print the resolved recipe and its stages, without loading weights or data")
     return parser
 
 
-def dry_run(recipe) -> None:
+def dry_run(recipe, restart: bool = False, allow_existing: bool = False) -> None:
+    """The checks the run applies before it loads anything (pipeline.check_before_loading: the output directory,
+    the model, data and logger references), then the resolved recipe and the stages the run would go through
+    (plan.py), without loading weights or data and without writing anything."""
     from frugal_spin.config import dump_recipe
-    from frugal_spin.data import check_dataset_reference
-    from frugal_spin.model import check_model_reference, resolve_backend
+    from frugal_spin.model import resolve_backend
+    from frugal_spin.pipeline import check_before_loading
+    from frugal_spin.plan import plan
 
-    check_dataset_reference(recipe.data)
-    check_model_reference(recipe.model)
+    check_before_loading(recipe, restart, allow_existing)
     here = "cuda" if torch_cuda_visible() else "cpu"
     device = here if recipe.model.device == "auto" else recipe.model.device
-    stages = ["setup", "sft", "anchor", "sft.eval"]
-    for t in range(recipe.spin.iterations):
-        stages += [f"iter_{t}.generate", f"iter_{t}.score"]
-        stages += [f"iter_{t}.score_previous"] if recipe.spin.mix_previous_pairs and t > 0 else []
-        stages += [f"iter_{t}.train", f"iter_{t}.eval"]
     print(dump_recipe(recipe), end="")
     print(f"# model: {recipe.model.name} (4-bit: {recipe.model.load_in_4bit}, device: {recipe.model.device})")
     if device == "cuda" and here == "cpu":
@@ -64,7 +63,7 @@ def dry_run(recipe) -> None:
 
         print(f"# backend on this machine: {resolve_backend(recipe.model, torch.device(device))} ({device})")
     print(f"# data: {recipe.data.dataset} (fraction {recipe.data.fraction}, held-out {recipe.data.eval_size})")
-    print(f"# stages: {' | '.join(stages)}")
+    print(f"# stages: {' | '.join(spec.name for spec in plan(recipe))}")
     print(f"# output directory: {recipe.output_dir}")
 
 
@@ -99,7 +98,7 @@ def run_main(argv: list[str]) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        dry_run(recipe)
+        dry_run(recipe, restart=args.restart, allow_existing=args.allow_existing_dir)
         return 0
     from frugal_spin.ui import quiet_libraries
 

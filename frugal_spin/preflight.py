@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from frugal_spin.config import BUILTIN_MODEL, LoraSection, ModelConfig, Recipe
+from frugal_spin.config import LoraSection, ModelConfig, Recipe
 from frugal_spin.data import DataSplits, Encoded, check_dataset_reference, encode_examples, load_splits
 from frugal_spin.errors import UserError
 from frugal_spin.hub import resolve_revision
@@ -43,7 +43,8 @@ class Checked:
 
 
 def preflight(recipe: Recipe) -> Checked:
-    from frugal_spin.model import check_model_reference, load_tokenizer, resolve_runtime
+    from frugal_spin.model import load_tokenizer, resolve_runtime
+    from frugal_spin.model_source import check_model_reference
 
     from frugal_spin.live_log import check_log_backends
 
@@ -84,14 +85,11 @@ def preflight(recipe: Recipe) -> Checked:
 
 
 def base_source(cfg: ModelConfig) -> str:
-    """The directory (or hub id) the base comes from, without touching a run directory."""
-    if cfg.name == BUILTIN_MODEL:
-        from frugal_spin.tiny_base import ensure_cached_tiny_base
+    """The directory (or hub id) the base comes from, without touching a run directory (the built-in tiny base:
+    its cache build, which the run then copies into its `base/`)."""
+    from frugal_spin.model_source import base_location
 
-        return str(ensure_cached_tiny_base())
-    from frugal_spin.model import resolve_base_path
-
-    return resolve_base_path(cfg, None)  # only the tiny base is ever copied into the run directory
+    return base_location(cfg, None)
 
 
 def check_hub_model(name: str) -> None:

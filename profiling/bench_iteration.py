@@ -96,7 +96,8 @@ def worker_frugal(args, packed: bool) -> dict:
 
     from frugal_spin.config import LoraSection, ModelConfig, TrainConfig
     from frugal_spin.generate import generate_answers
-    from frugal_spin.model import builtin_smollm2_dir, inference_mode, load_model, load_tokenizer, resolve_runtime
+    from frugal_spin.model import inference_mode, load_model, load_tokenizer, resolve_runtime
+    from frugal_spin.model_source import builtin_smollm2_dir
     from frugal_spin.scoring import score_pairs
     from frugal_spin.shared_prompt import packs_pairs
     from frugal_spin.train import spin_step_fn, train_adapter
@@ -165,7 +166,8 @@ def worker_trl(args, dtype_name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from frugal_spin.model import builtin_smollm2_dir, load_tokenizer
+    from frugal_spin.model import load_tokenizer
+    from frugal_spin.model_source import builtin_smollm2_dir
 
     out: dict = {}
     path = str(builtin_smollm2_dir())

@@ -31,7 +31,7 @@ def real_asset(fetch):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from frugal_spin.model import builtin_smollm2_dir
+    from frugal_spin.model_source import builtin_smollm2_dir
 
     return real_asset(builtin_smollm2_dir)
 

@@ -282,6 +282,34 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, monk
     assert _tree(root) == before  # the earlier run, the user's files, the model and the data: untouched
 
 
+# What only loading finds (the tokenizer's template, the modules of the model built from its config, the data rows):
+# the dry run, which loads nothing, passes these; it refuses every other case of the table as the run does.
+LOADING_FINDS = {"no chat template", "unknown target module", "non-linear target module", "fewer rows than eval_size",
+                 "only unusable training rows"}
+
+
+@pytest.mark.parametrize("name, text, args, message", CASES, ids=[c[0] for c in CASES])
+def test_the_dry_run_refuses_what_the_run_refuses_before_loading(world, capsys, name, text, args, message):
+    """Item 11 of issue 20: `--dry-run` applied none of the output directory's checks (output_dir=/ and the home
+    directory passed); it now applies every check the run makes before it loads anything."""
+    root, cache = world
+    base = next(cache.glob("tiny-llama-*"))
+    recipe = root / "r.yaml"
+    recipe.write_text(RECIPE.read_text() if text is None else _place(text, root, base))
+    args = [_place(a, root, base) for a in args]
+    if not any(a.startswith("output_dir=") for a in args) and (text is None or "output_dir" not in text):
+        args.append(f"output_dir={root / 'run'}")
+    before = _tree(root)
+    code, out, err = _run_main([str(recipe), *TINY, *args, "--dry-run"], capsys)
+    if name in LOADING_FINDS:
+        assert code == 0 and "# stages: setup | sft | anchor | sft.eval | iter_0.generate" in out, err
+    else:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and _place(message, root, base) in lines[0], err
+        assert out == ""
+    assert _tree(root) == before
+
+
 def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     code, out, err = _run_main(["report", str(tmp_path / "notes.txt")], capsys)

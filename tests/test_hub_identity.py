@@ -94,7 +94,7 @@ def _setup_as_hub_model(monkeypatch, tmp_path, small_base_cache, revision: str, 
     monkeypatch.setattr(preflight, "base_source", lambda cfg: "org/tiny")
     monkeypatch.setattr(preflight, "check_hub_model", lambda name: None)
     monkeypatch.setattr(preflight, "check_target_modules", lambda source, cfg, lora: None)
-    monkeypatch.setattr(pipeline, "resolve_base_path", lambda cfg, run_dir: "org/tiny")
+    monkeypatch.setattr(pipeline, "base_location", lambda cfg, run_dir: "org/tiny")
     monkeypatch.setattr(model, "load_tokenizer", lambda path, trc=False, rev=None: (
         loaded.append(("tokenizer", path, rev)), load_tokenizer(str(local), trc))[1])
     monkeypatch.setattr(pipeline, "load_model", lambda path, *a, revision=None, **k: (

@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from frugal_spin.config import LoraSection, ModelConfig
 from frugal_spin.errors import UserError
-from frugal_spin.model import (attach_lora, check_model_reference, load_adapter_weights, load_base_model,
-                               resolve_runtime, save_adapter)
+from frugal_spin.model import attach_lora, load_adapter_weights, load_base_model, resolve_runtime, save_adapter
+from frugal_spin.model_source import check_model_reference
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from frugal_spin.config import ModelConfig
 from frugal_spin.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-from frugal_spin.model import check_model_reference
+from frugal_spin.model_source import check_model_reference
 from frugal_spin.tasks import chitchat
 
 
