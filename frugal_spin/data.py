@@ -24,8 +24,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from frugal_spin.config import BUILTIN_CHITCHAT, BUILTIN_DATASET, BUILTIN_DATASETS, DataConfig
+from frugal_spin.config import DataConfig
 from frugal_spin.errors import UserError
+from frugal_spin.tasks import TASKS, task_of
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Files `datasets` reads as rows of a dataset directory; a directory with none of them is not a dataset.
@@ -67,9 +68,9 @@ def is_local_path(name: str) -> bool:
 def check_dataset_reference(cfg: DataConfig) -> None:
     """Fail fast, before any model is loaded, on a dataset path that does not exist."""
     if cfg.dataset.startswith("builtin:"):
-        if cfg.dataset not in BUILTIN_DATASETS:
+        if task_of(cfg.dataset) is None:
             raise UserError(f"data.dataset: unknown built-in dataset {cfg.dataset!r} "
-                            f"(available: {', '.join(BUILTIN_DATASETS)})")
+                            f"(available: {', '.join(TASKS)})")
     elif is_local_path(cfg.dataset):
         path = Path(cfg.dataset).expanduser()
         if path.is_dir():  # a downloaded copy of a hub dataset: its splits are read as from the hub
@@ -165,15 +166,9 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     check_dataset_reference(cfg)
     counts: Counter = Counter()
     revision = None
-    if cfg.dataset == BUILTIN_DATASET:
-        from frugal_spin.tasks import arithmetic
-
-        splits = arithmetic.build_splits(seed=seed, n_heldout=cfg.eval_size)
-        train_rows, heldout_rows = splits["train"], splits["heldout"]
-    elif cfg.dataset == BUILTIN_CHITCHAT:
-        from frugal_spin.tasks import chitchat
-
-        splits = chitchat.build_splits(seed=seed, n_heldout=cfg.eval_size)  # held out by conversation
+    task = task_of(cfg.dataset)
+    if task is not None:  # a built-in task (chitchat holds out by conversation: tasks/chitchat.py)
+        splits = task.build_splits(seed=seed, n_heldout=cfg.eval_size)
         train_rows, heldout_rows = splits["train"], splits["heldout"]
     elif is_local_path(cfg.dataset) and not Path(cfg.dataset).expanduser().is_dir():
         rows = _load_local(Path(cfg.dataset).expanduser(), counts)

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SPIN_LOSSES = ("sigmoid", "hinge", "space")
+from frugal_spin.config import SPIN_LOSS_NAMES
+
+SPIN_LOSSES = SPIN_LOSS_NAMES  # the recipe's names (config.py); _PER_PAIR below has one function per name
 
 
 def sft_loss(sum_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:

@@ -141,3 +141,17 @@ def test_at_zero_rewards_sigmoid_and_space_have_the_same_gradient_and_hinge_twic
                   loss=loss).loss.backward()
         grads[loss] = (player_real.grad.item(), player_generated.grad.item())
     assert grads == {"sigmoid": (-0.5, 0.5), "space": (-0.5, 0.5), "hinge": (-1.0, 1.0)}
+
+
+def test_the_recipe_accepts_exactly_the_losses_there_are():
+    """One tuple of names (config.SPIN_LOSS_NAMES): spin.loss and compare.spin_losses accept exactly it, and
+    losses.py has one per-pair function for each of its names."""
+    import typing
+
+    from frugal_spin import losses
+    from frugal_spin.config import SPIN_LOSS_NAMES, CompareConfig, SpinConfig
+
+    assert typing.get_args(typing.get_type_hints(SpinConfig)["loss"]) == SPIN_LOSS_NAMES
+    (member,) = typing.get_args(typing.get_type_hints(CompareConfig)["spin_losses"])
+    assert typing.get_args(member) == SPIN_LOSS_NAMES
+    assert losses.SPIN_LOSSES == SPIN_LOSS_NAMES and tuple(losses._PER_PAIR) == SPIN_LOSS_NAMES

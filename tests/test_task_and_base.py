@@ -247,3 +247,18 @@ def test_seed_and_spec_must_agree(tmp_path):
 def test_default_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(tmp_path))
     assert tiny_base.default_cache_root() == tmp_path
+
+
+def test_the_built_in_tasks_are_a_registry_with_their_own_bounds_and_checkers():
+    """data.dataset builtin:<name> is a task of tasks.TASKS: its splits, its held-out bound (checked with the
+    recipe) and, only where answers can be checked exactly, its is_correct (evaluation's exact match)."""
+    from frugal_spin.config import recipe_from_dict
+    from frugal_spin.errors import UserError
+    from frugal_spin.tasks import TASKS, task_of
+
+    assert set(TASKS) == {"builtin:arithmetic", "builtin:chitchat"} and task_of("org/data") is None
+    assert task_of("builtin:arithmetic").is_correct is arithmetic.is_correct
+    assert task_of("builtin:chitchat").is_correct is None and task_of("builtin:chitchat").max_eval_size is None
+    recipe_from_dict({"data": {"eval_size": 5000}})
+    with pytest.raises(UserError, match="more than the built-in task builtin:arithmetic draws \\(5,000"):
+        recipe_from_dict({"data": {"eval_size": 5001}})
