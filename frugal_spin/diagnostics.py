@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from frugal_spin.turns import ends_turn
+
 NEAR_SIMILARITY = 0.9
 
 
@@ -73,3 +75,12 @@ def answer_diagnostics(pairs: Sequence[dict[str, Any]], special_ids: Iterable[in
 def end_token_rate(answers: int, answers_without_end: int) -> float:
     """Share of generated answers that ended with an end token (the rest ran into generation.max_new_tokens)."""
     return (answers - answers_without_end) / max(1, answers)
+
+
+def answer_ends(pairs: Sequence[dict[str, Any]], stop_ids: Sequence[int]) -> dict[str, float]:
+    """How many generated answers did not end (`answers_without_eos`) and the share that did (`end_token_rate`), by
+    one rule: an answer ended when its last token is one of `stop_ids`, the ids generation stops at (the template's
+    end-of-turn token and every eos id: turns.stop_token_ids). Counting only the tokenizer's eos would call every
+    answer of a template whose turn ends on another token unfinished."""
+    without_end = sum(1 for row in pairs if not ends_turn(row["generated_ids"], stop_ids))
+    return {"answers_without_eos": without_end, "end_token_rate": end_token_rate(len(pairs), without_end)}

@@ -45,9 +45,10 @@ class World:
     """This process's place among the ranks: a size-1 World is one plain process."""
 
     def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, timeout_s: float = 1800.0,
-                 local_size: int = 1):
+                 local_size: int = 1, backend: str | None = None):
         self.rank, self.size, self.local_rank, self.timeout_s = rank, size, local_rank, timeout_s
         self.local_size = local_size  # ranks on this machine: they share its cores (threads.py)
+        self.backend = backend  # the process group's ("gloo" for CPU ranks, "nccl" for GPUs); None in one process
 
     # ------------------------------------------------------------ sharding
 
@@ -205,7 +206,6 @@ def init_from_env(timeout_s: float, device_type: str) -> World:
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world = World(rank, size, local_rank, timeout_s, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
     backend = "gloo"
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -213,6 +213,7 @@ def init_from_env(timeout_s: float, device_type: str) -> World:
                             f"visible; launch one rank per GPU (--nproc_per_node <= GPUs)")
         torch.cuda.set_device(local_rank)
         backend = "nccl"
+    world = World(rank, size, local_rank, timeout_s, int(os.environ.get("LOCAL_WORLD_SIZE", size)), backend)
     if not dist.is_initialized():
         world._collective("joining the process group", lambda: dist.init_process_group(
             backend, timeout=timedelta(seconds=timeout_s), rank=rank, world_size=size))

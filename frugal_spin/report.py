@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from frugal_spin.errors import UserError
 from frugal_spin.io import write_json, write_text
 from frugal_spin.plan import OPPONENT_KINDS, TRAIN_KINDS, with_kind_and_iteration
+from frugal_spin.render import ROLE_COLOURS, markdown_table, save_png
 
 EVAL_KEYS = ("heldout_nll", "spin_loss", "reward_margin", "reward_accuracy", "exact_match")
 TRAIN_KEYS = ("optimizer_steps", "train_loss", "train_reward_margin", "train_reward_accuracy")
@@ -68,11 +68,6 @@ DIAGNOSTIC_LABELS = {
     "generated_logp_change": "Δ log p generated vs opponent (train pairs)",
     "anchor_real_logp_change": "Δ log p real vs SFT (held-out anchors)",
     "anchor_generated_logp_change": "Δ log p SFT sample vs SFT (held-out anchors)"}
-
-# Phase roles pick the colour of a bar and say which phases are the brief's own.
-_ROLE_COLOURS = {"setup": "#9e9e9e", "sft": "#1f77b4", "generate": "#ff7f0e", "spin": "#2ca02c",
-                 "eval": "#c7c7c7", "other": "#8c564b"}
-
 
 # ----------------------------------------------------------------------------------------------------- reading
 
@@ -353,12 +348,6 @@ def _num(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 _MEMORY_WORDS = {"cuda_allocated": "peak CUDA memory allocated (max_memory_allocated)",
                  "cpu_rss": "peak resident set size of the process (CPU)"}
 
@@ -378,7 +367,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
                     f"the last finished stage is `{report['last_stage']}`."]
 
     if report["data"]:
-        out += ["", "## Data", "", _table(["count", "value"], [[k, _num(v)] for k, v in report["data"].items()])]
+        out += ["", "## Data", "", markdown_table(["count", "value"], [[k, _num(v)] for k, v in report["data"].items()])]
 
     out += ["", "## Timeline", "",
             "The brief's phases (setup and evaluations are their own phases, so the phases add up to the total):", "",
@@ -387,7 +376,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
                 f"{p['phase']} {p['wall_time_s']:.1f}s" for p in report["phases"]
                 if p["role"] in ("sft", "generate", "spin")) + "`", "",
             "![timeline](timeline.png)", "",
-            _table(["phase", "stages", "start s", "wall s", "share", "peak GiB"],
+            markdown_table(["phase", "stages", "start s", "wall s", "share", "peak GiB"],
                    [[p["phase"], ", ".join(p["stages"]), f"{p['start_s']:.1f}", f"{p['wall_time_s']:.2f}",
                      f"{100 * p['wall_time_s'] / t['wall_time_s']:.0f}%" if t["wall_time_s"] else "–",
                      _num(p["peak_mem_gib"])] for p in report["phases"]])]
@@ -399,7 +388,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
     rows = [[s["stage"], s["kind"], f"{s['wall_time_s']:.2f}", _num(s["tokens"]),
              _num(s["tokens_per_s"], digits=0), _num(s["peak_mem_gib"])]
             + ([_num(s.get("peak_reserved_gib"))] if cuda else []) for s in report["stages"]]
-    out += ["", "## Cost per stage", "", _table(header, rows)]
+    out += ["", "## Cost per stage", "", markdown_table(header, rows)]
 
     out += ["", "## Metrics after each evaluation", ""]
     if report["evaluations"]:
@@ -409,7 +398,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
         rows = [[e["label"], _num(e["heldout_nll"]), _num(e["spin_loss"]), _num(e["reward_margin"]),
                  _num(e["reward_accuracy"])] + ([_num(e["exact_match"])] if has_em else [])
                 for e in report["evaluations"]]
-        out += [_table(header, rows), "",
+        out += [markdown_table(header, rows), "",
                 f"SPIN metrics use the SFT model as the fixed opponent on held-out anchor pairs, so after SFT they are "
                 f"log 2 = {LOG2:.4f}, 0 and 0 by construction; a lower SPIN loss later means the model moved towards "
                 f"the real answers and away from SFT-style ones."]
@@ -419,7 +408,7 @@ def _markdown(report: dict[str, Any], run_dir: Path) -> str:
     out += _samples_markdown(report["evaluations"])
     if report["training"]:
         out += ["", "## Training", "",
-                _table(["stage", "optimizer steps", "train loss", "reward margin", "reward accuracy"],
+                markdown_table(["stage", "optimizer steps", "train loss", "reward margin", "reward accuracy"],
                        [[r["stage"], _num(r["optimizer_steps"]), _num(r["train_loss"]),
                          _num(r["train_reward_margin"]), _num(r["train_reward_accuracy"])]
                         for r in report["training"]])]
@@ -440,7 +429,7 @@ def _samples_markdown(evaluations: list[dict[str, Any]]) -> list[str]:
     for i, first in enumerate(with_samples[0]["samples"]):
         rows = [["real answer", quote(first["real"])]]
         rows += [[e["label"], quote(e["samples"][i]["greedy"])] for e in with_samples if i < len(e["samples"])]
-        out += ["", f"**Prompt {i + 1}:** {quote(first['prompt'])}", "", _table(["", "answer"], rows)]
+        out += ["", f"**Prompt {i + 1}:** {quote(first['prompt'])}", "", markdown_table(["", "answer"], rows)]
     return out
 
 
@@ -454,7 +443,7 @@ def _diagnostics_markdown(report: dict[str, Any]) -> list[str]:
     out = ["", "## Diagnostics per SPIN iteration", "",
            "Iteration t's pairs are sampled by its opponent (the SFT model for t = 0, else iteration t−1's model); "
            "\"near\" is token-level edit similarity >= 0.9 to the real answer (special tokens removed); Δ log p is "
-           "the player's change in nats per answer.", "", _table(["", *[DIAGNOSTIC_LABELS[k] for k in keys]], table)]
+           "the player's change in nats per answer.", "", markdown_table(["", *[DIAGNOSTIC_LABELS[k] for k in keys]], table)]
     for r in rows:
         out.append(f"- iter{r['iteration']}: on its training pairs SPIN "
                    f"{logp_direction(r['real_logp_change'], r['generated_logp_change'])}.")
@@ -462,20 +451,6 @@ def _diagnostics_markdown(report: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ charts
-
-def _save_png(fig, path: Path) -> None:
-    # Same temp-then-rename rule as frugal_spin.io, for a binary written by matplotlib.
-    from frugal_spin.io import mkstemp  # the umask's mode, not mkstemp's 0600
-
-    fd, tmp = mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def _timeline_png(report: dict[str, Any], path: Path) -> None:
     # Figure directly (not pyplot): no global figure state and no GUI backend, so it is safe in any process.
@@ -487,7 +462,7 @@ def _timeline_png(report: dict[str, Any], path: Path) -> None:
     gantt, memax = fig.subplots(1, 2, sharey=True, width_ratios=[3, 1])
     ys = list(range(n))
     total = report["totals"]["wall_time_s"] or 1.0
-    colours = [_ROLE_COLOURS[p["role"]] for p in phases]
+    colours = [ROLE_COLOURS[p["role"]] for p in phases]
     gantt.barh(ys, [p["wall_time_s"] for p in phases], left=[p["start_s"] for p in phases], color=colours,
                edgecolor="black", linewidth=0.5, height=0.7)
     for y, p in zip(ys, phases):
@@ -510,7 +485,7 @@ def _timeline_png(report: dict[str, Any], path: Path) -> None:
     memax.set_xlim(0, (max(mems) or 1.0) * 1.3)
     memax.set_title("Peak memory per phase")
     memax.grid(axis="x", alpha=0.3)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _metrics_png(report: dict[str, Any], path: Path) -> None:
@@ -554,7 +529,7 @@ def _metrics_png(report: dict[str, Any], path: Path) -> None:
         is_sft = c["kind"] == "sft"
         name = _phase_of(c, set())[0]
         ax = sft_ax if is_sft or spin_ax is None else spin_ax
-        colour = _ROLE_COLOURS["sft"] if is_sft else spin_colours[spin_i % len(spin_colours)]
+        colour = ROLE_COLOURS["sft"] if is_sft else spin_colours[spin_i % len(spin_colours)]
         spin_i += 0 if is_sft else 1
         if not is_sft and spin_start is None:
             spin_start = step + 0.5
@@ -586,7 +561,7 @@ def _metrics_png(report: dict[str, Any], path: Path) -> None:
                       ncol=min(len(handles), 4), frameon=False)
     else:
         sft_ax.text(0.5, 0.5, "no training stage yet", ha="center", va="center", transform=sft_ax.transAxes)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- entry

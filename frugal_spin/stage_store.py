@@ -1,4 +1,5 @@
-"""Stage bookkeeping for a run directory: completion markers with fingerprints, and `metrics.jsonl`.
+"""Stage bookkeeping for a run directory (or a compare arm's): completion markers with fingerprints, and
+`metrics.jsonl`.
 
 A stage is complete when its marker `stages/<name>.json` exists and carries the fingerprint of everything that
 produced the stage's outputs (the recipe fields it depends on and the fingerprints of its inputs). The marker is

@@ -74,6 +74,24 @@ class TrainResult:
         return out
 
 
+# A training stage plans at most this many optimizer steps: the plan (every micro-batch's items) is built in memory,
+# and a recipe asking for more is a typo (sft.epochs=1e12 took forever to plan, then would have taken forever to
+# train). train_stage.py checks it first with the recipe key in its message.
+MAX_OPTIMIZER_STEPS = 1_000_000
+
+
+def count_optimizer_steps(n_items: int, cfg: TrainConfig) -> int:
+    """len(plan_windows(...)) for `n_items` items, by arithmetic (nothing is planned): with G = ceil(n_items /
+    (micro_batch_size x grad_accum_steps)) windows per epoch and E = cfg.epochs,
+
+        steps = (ceil(E) - 1) * G + min(G, max(1, round((E - (ceil(E) - 1)) * G)))     (0 when G = 0)"""
+    per_epoch = math.ceil(n_items / (cfg.micro_batch_size * cfg.grad_accum_steps))
+    if per_epoch == 0:
+        return 0
+    last = math.ceil(cfg.epochs) - 1
+    return last * per_epoch + min(per_epoch, max(1, round(min(1.0, cfg.epochs - last) * per_epoch)))
+
+
 def plan_windows(lengths: Sequence[int], cfg: TrainConfig, seed: int) -> list[list[list[int]]]:
     """One accumulation window (a list of micro-batches of item indices) per optimizer step, for `cfg.epochs`
     epochs (a fractional last epoch takes a prefix of its windows).
@@ -82,6 +100,10 @@ def plan_windows(lengths: Sequence[int], cfg: TrainConfig, seed: int) -> list[li
     length order; the last window of an epoch may be short. The windows depend on the product only, so halving the
     micro-batch and doubling the accumulation (the OOM retry) splits the very same windows finer. With
     grad_accum_steps 1 this is the length-grouped batching itself."""
+    steps = count_optimizer_steps(len(lengths), cfg)
+    if steps > MAX_OPTIMIZER_STEPS:
+        raise UserError(f"epochs={cfg.epochs:g} plans {steps:,} optimizer steps over {len(lengths):,} items, more than "
+                        f"the {MAX_OPTIMIZER_STEPS:,} one training stage may plan; lower epochs")
     micro = cfg.micro_batch_size
     windows: list[list[list[int]]] = []
     for epoch in range(math.ceil(cfg.epochs)):
@@ -367,7 +389,7 @@ def _tracer(trace_dir: Path | None, steps: int, runtime: Runtime):
 
 
 def total_optimizer_steps(n_items: int, cfg: TrainConfig) -> int:
-    return len(plan_windows([0] * n_items, cfg, 0))
+    return count_optimizer_steps(n_items, cfg)
 
 
 # ---------------------------------------------------------------- the two losses, per micro-batch

@@ -281,11 +281,12 @@ class DtypeWatch:
 
 
 def watch_loaded_models(forbidden) -> DtypeWatch:
-    """Patch the pipeline's `load_model` so every model it loads is scanned and watched by one DtypeWatch."""
-    from frugal_spin import pipeline
+    """Patch the run setup's `load_model` (context.py) so every model it loads is scanned and watched by one
+    DtypeWatch."""
+    from frugal_spin import context
 
     watch = DtypeWatch(forbidden)
-    original = pipeline.load_model
+    original = context.load_model
 
     def load_and_watch(*args, **kwargs):
         model = original(*args, **kwargs)
@@ -293,7 +294,7 @@ def watch_loaded_models(forbidden) -> DtypeWatch:
         watch.attach(model)
         return model
 
-    pipeline.load_model = load_and_watch
+    context.load_model = load_and_watch
     return watch
 
 

@@ -310,6 +310,17 @@ def test_the_dry_run_refuses_what_the_run_refuses_before_loading(world, capsys, 
     assert _tree(root) == before
 
 
+def test_an_absurd_epoch_count_is_one_line_not_a_hang(world, capsys):
+    """Issue 20 item 11: sft.epochs=1e12 hung while planning the training in memory; now the stage counts its
+    steps by arithmetic first and refuses, naming the key."""
+    root, _ = world
+    code, out, err = _run_main([str(RECIPE), *TINY, f"output_dir={root / 'new'}", "sft.epochs=1e12"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("error: sft.epochs=1e+12 plans 3,000,000,000,000 optimizer steps over 40 "
+                                            "training items, more than the 1,000,000 one stage may plan; lower "
+                                            "sft.epochs")
+
+
 def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     code, out, err = _run_main(["report", str(tmp_path / "notes.txt")], capsys)

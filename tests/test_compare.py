@@ -12,12 +12,13 @@ import torch
 from conftest import SMALL_BASE
 from frugal_spin import tiny_base
 from frugal_spin.__main__ import main
-from frugal_spin.comparison import arm_difference, hypothesis_verdict, mean_std
-from frugal_spin.compare import equal_time_budget, sft_config_for_steps
+from frugal_spin.compare.budgets import equal_time_budget
+from frugal_spin.compare.results import arm_difference, hypothesis_verdict, mean_std
 from frugal_spin.config import SFTConfig
 from frugal_spin.io import read_jsonl, read_safetensors, write_jsonl
 from frugal_spin.errors import UserError
 from frugal_spin.lm_eval_hook import check_lm_eval_available, flatten_results
+from frugal_spin.stages.sft import sft_config_for_steps
 from frugal_spin.train import total_optimizer_steps
 from frugal_spin.turns import scored_pair
 
@@ -168,6 +169,63 @@ def test_bad_compare_input_is_one_line_error(root, capsys):
     assert _main(root / "cache", ["compare", RECIPE, f"output_dir={root / 'bad'}", "spin.iterations=0"]) == 2
     assert "compare needs spin.iterations >= 1" in capsys.readouterr().err
     assert not (root / "bad").exists()
+
+
+# ------------------------------------------------------------------- continued-SFT blocks are training stages
+
+@pytest.fixture(scope="module")
+def blocks(root):
+    """A one-seed, one-iteration comparison whose SFT arms the tests below train again (compare.sft_arm_learning_rate
+    changes only the blocks' fingerprints): the blocks then train alone, with the seed run's stages skipped."""
+    args = ["compare", RECIPE, f"output_dir={root / 'blocks'}", *TINY, "spin.iterations=1", "compare.seeds=1",
+            "compare.spin_losses=[]", "sft.micro_batch_size=8"]
+    assert _main(root / "cache", args) == 0
+    return args, root / "blocks" / "compare" / "seed_0"
+
+
+def test_a_continued_sft_block_halves_its_micro_batch_on_out_of_memory(root, blocks, monkeypatch, capsys):
+    """Issue 21: continued-SFT blocks called the bare training loop, without the guarantees SFT and SPIN have; an
+    out-of-memory error in a block was a traceback. Now a block halves its micro-batch as SFT does."""
+    from frugal_spin.stages import sft
+
+    args, seed_dir = blocks
+    real = sft.sft_step_fn
+
+    def small_memory(*a, **k):
+        step = real(*a, **k)
+
+        def limited(batch):
+            if len(batch) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return step(batch)
+
+        return limited
+
+    monkeypatch.setattr(sft, "sft_step_fn", small_memory)
+    capsys.readouterr()
+    assert _main(root / "cache", [*args, "compare.sft_arm_learning_rate=1e-4"]) == 0
+    assert "block_0.train: CUDA out of memory at micro_batch_size 8; retrying" in capsys.readouterr().err
+    block = _records(seed_dir / "sft_equal_steps")["block_0.train"]["metrics"]
+    assert (block["micro_batch_size"], block["grad_accum_steps"], block["learning_rate"]) == (2, 4, 1e-4)
+    assert block["optimizer_steps"] == _records(seed_dir)["iter_0.train"]["metrics"]["optimizer_steps"]
+    assert not (seed_dir / "sft_equal_steps" / "block_0" / "oom_batching.json").exists()
+
+
+def test_a_continued_sft_block_stops_a_nan_streak_keeping_its_last_good_adapter(root, blocks, monkeypatch, capsys):
+    import frugal_spin.train as train
+
+    args, seed_dir = blocks
+    real = train.sft_loss
+    monkeypatch.setattr(train, "sft_loss", lambda logps, n: real(logps, n) * float("nan"))
+    capsys.readouterr()
+    assert _main(root / "cache", [*args, "compare.sft_arm_learning_rate=2e-4"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    last_good = seed_dir / "sft_equal_steps" / "block_0" / "last_good_adapter"
+    assert line.startswith("error: block_0.train: 5 non-finite losses or gradients in a row at optimizer step 5/")
+    assert line.endswith(f"; the last good adapter is in {last_good}")
+    assert (last_good / "adapter_model.safetensors").is_file()
+    marker = json.loads((seed_dir / "sft_equal_steps" / "stages" / "block_0.train.json").read_text())
+    assert marker["metrics"]["learning_rate"] == 1e-4  # the earlier block's marker: no half-trained block replaced it
 
 
 # ---------------------------------------------------------------------------------------- pure functions

@@ -28,11 +28,21 @@ OVERRIDES = ["data.fraction=0.04", "data.eval_size=20", "spin.iterations=1", "sf
              "eval.max_new_tokens=10", "eval.batch_size=16"]
 RUNNER = f"import sys; {SMALL_BASE_PATCH}; from frugal_spin.__main__ import main; sys.exit(main(sys.argv[1:]))"
 
-# Every stage, at a place inside it (mid-training after/between checkpoints, mid-generation, after an output is
-# written but before its marker).
-CRASH_POINTS = ["setup", "sft.checkpoint@2", "sft.step@3", "sft.saved", "anchor.generate.batch@1", "anchor.score",
-                "sft.eval.nll", "iter_0.generate.batch@2", "iter_0.generate.written", "iter_0.score",
-                "iter_0.train.checkpoint@2", "iter_0.train.step@3", "iter_0.train.saved", "iter_0.eval.nll"]
+# Every crash point of every stage of the plan (plan.crash_points): mid-training after and between checkpoints,
+# mid-generation, after scoring, after an output is written but before its marker. The counted ones at: the 2nd
+# checkpoint, the 3rd optimizer step, the 2nd generation batch (the anchor has 2 of 16 prompts, iteration 0 has 5).
+COUNTS = {"checkpoint": 2, "step": 3, "batch": 2}
+
+
+def _crash_points() -> list[str]:
+    from frugal_spin.config import load_recipe
+    from frugal_spin.plan import crash_points, plan
+
+    points = crash_points(plan(load_recipe(RECIPE, OVERRIDES)))
+    return [f"{p}@{COUNTS[p.rsplit('.', 1)[1]]}" if p.rsplit(".", 1)[1] in COUNTS else p for p in points]
+
+
+CRASH_POINTS = _crash_points()
 
 
 def _run(run_dir: Path, cache: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
@@ -66,6 +76,7 @@ def runs(tmp_path_factory, small_base_cache):
 
 def test_sigkill_in_every_stage_then_resume_gives_the_uninterrupted_result(runs):
     root, cache = runs
+    assert len(CRASH_POINTS) == 18 and {p.split(".")[0] for p in CRASH_POINTS} == {"setup", "sft", "anchor", "iter_0"}
     run_dir = root / "killed"
     for point in CRASH_POINTS:
         result = _run(run_dir, cache, crash_at=point)

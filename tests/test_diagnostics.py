@@ -57,3 +57,19 @@ def test_answer_diagnostics_strip_special_tokens_and_count_shares():
 
 def test_end_token_rate():
     assert end_token_rate(8, 2) == 0.75 and end_token_rate(0, 0) == 0.0
+
+
+def test_one_rule_says_whether_an_answer_ended_for_both_numbers():
+    """Issue 20 item 4: end_token_rate counted an answer as ended only on the tokenizer's eos while
+    answers_without_eos counted every stop id, so the two disagreed for a template whose turn ends on another token
+    (here 5, as Llama-3's <|eot_id|>). Both now come from the ids generation stops at."""
+    from types import SimpleNamespace
+
+    from frugal_spin.stages.opponent import opponent_answer_metrics
+
+    end_of_turn, eos = 5, 2
+    rows = [{"real_ids": [9, end_of_turn], "generated_ids": ids} for ids in ([9, end_of_turn], [9, eos], [9, 9])]
+    ctx = SimpleNamespace(tokenizer=SimpleNamespace(all_special_ids=[eos, end_of_turn]), stop_ids=[end_of_turn, eos])
+    metrics = opponent_answer_metrics(SimpleNamespace(ctx=ctx), rows)
+    assert metrics["answers_without_eos"] == 1
+    assert metrics["end_token_rate"] == end_token_rate(3, 1) == 2 / 3

@@ -110,7 +110,7 @@ def test_a_truncated_or_altered_copy_of_the_base_is_copied_again(cli, tmp_path):
 
 def test_the_base_identity_hashes_the_weights_once_and_sees_a_change(tmp_path, monkeypatch, small_base_cache):
     from frugal_spin import base_weights
-    from frugal_spin.pipeline import _base_identity
+    from frugal_spin.context import base_identity
 
     model = tmp_path / "model"
     shutil.copytree(next(small_base_cache.glob("tiny-llama-*")), model)
@@ -118,13 +118,13 @@ def test_the_base_identity_hashes_the_weights_once_and_sees_a_change(tmp_path, m
     hashed = []
     real = base_weights._sha256
     monkeypatch.setattr(base_weights, "_sha256", lambda p: hashed.append(p.name) or real(p))
-    first = _base_identity(model, run)
-    assert _base_identity(model, run) == first and hashed == ["model.safetensors"]  # once, then from the memo
+    first = base_identity(model, run)
+    assert base_identity(model, run) == first and hashed == ["model.safetensors"]  # once, then from the memo
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # a valid file with one other weight: same config, same tokenizer
     weights.write_bytes(bytes(data))
-    assert _base_identity(model, run) != first  # so no stage computed from the old weights is reused
+    assert base_identity(model, run) != first  # so no stage computed from the old weights is reused
     assert hashed == ["model.safetensors", "model.safetensors"]
 
 

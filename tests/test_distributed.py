@@ -127,6 +127,13 @@ def test_two_ranks_give_the_metrics_of_one_process(runs):
     assert compared >= 15
 
 
+def test_the_setup_record_says_how_the_run_ran(runs):
+    """Issue 20 item 6: a 2-rank run's records said nothing of the ranks or the process group."""
+    setup = lambda d: json.loads((d / "stages" / "setup.json").read_text())["metrics"]  # noqa: E731
+    assert (setup(runs["one"])["world_size"], setup(runs["one"])["process_group_backend"]) == (1, None)
+    assert (setup(runs["two"])["world_size"], setup(runs["two"])["process_group_backend"]) == (2, "gloo")
+
+
 def test_a_rank_that_raises_stops_every_rank_with_one_line(tmp_path, small_base_cache):
     done = _launch(tmp_path, 2, tmp_path / "run", small_base_cache, TEST_RANK1_RAISE_AT="sft.step")
     assert done.returncode != 0

@@ -75,9 +75,9 @@ def test_a_hub_dataset_is_loaded_at_the_resolved_commit_and_records_it(monkeypat
 
 
 def _setup_as_hub_model(monkeypatch, tmp_path, small_base_cache, revision: str, name: str):
-    """Run.setup for `model.name=org/tiny` whose hub id resolves to `revision`; the loaders read the small base
-    from disk and record the revision they were given."""
-    from frugal_spin import pipeline, tiny_base
+    """The run's setup for `model.name=org/tiny` whose hub id resolves to `revision`; the loaders read the small
+    base from disk and record the revision they were given."""
+    from frugal_spin import context, pipeline, tiny_base
     from frugal_spin.config import load_recipe
     from conftest import SMALL_BASE
 
@@ -88,23 +88,24 @@ def _setup_as_hub_model(monkeypatch, tmp_path, small_base_cache, revision: str, 
     from frugal_spin import model, preflight
 
     loaded = []
-    load_tokenizer, load_model = model.load_tokenizer, pipeline.load_model
+    load_tokenizer, load_model = model.load_tokenizer, context.load_model
     # preflight resolves the commit and loads the tokenizer; the hub itself is never asked (no network here)
     monkeypatch.setattr(preflight, "resolve_revision", lambda repo_id, repo_type="model": revision)
     monkeypatch.setattr(preflight, "base_source", lambda cfg: "org/tiny")
     monkeypatch.setattr(preflight, "check_hub_model", lambda name: None)
     monkeypatch.setattr(preflight, "check_target_modules", lambda source, cfg, lora: None)
-    monkeypatch.setattr(pipeline, "base_location", lambda cfg, run_dir: "org/tiny")
+    monkeypatch.setattr(context, "base_location", lambda cfg, run_dir: "org/tiny")
     monkeypatch.setattr(model, "load_tokenizer", lambda path, trc=False, rev=None: (
         loaded.append(("tokenizer", path, rev)), load_tokenizer(str(local), trc))[1])
-    monkeypatch.setattr(pipeline, "load_model", lambda path, *a, revision=None, **k: (
+    monkeypatch.setattr(context, "load_model", lambda path, *a, revision=None, **k: (
         loaded.append(("model", path, revision)), load_model(str(local), *a, **k))[1])
     recipe = load_recipe(REPO / "recipes" / "cpu_tiny.yaml",
                          [f"output_dir={tmp_path / name}", "data.fraction=0.02", "data.eval_size=4"])
+    from frugal_spin.preflight import preflight
+
     with pipeline.prepared_run_dir(recipe) as run_dir:  # the run directory as a run holds it (identity, lock)
-        run = pipeline.Run(recipe, run_dir)
-        run.setup()
-    return run, loaded
+        ctx, _, _ = pipeline.start_run(recipe, run_dir, preflight(recipe))
+    return ctx, loaded
 
 
 def test_a_new_hub_commit_of_the_model_changes_every_fingerprint(monkeypatch, tmp_path, small_base_cache):
@@ -120,12 +121,12 @@ def test_a_new_hub_commit_of_the_model_changes_every_fingerprint(monkeypatch, tm
 
 def test_local_weights_are_part_of_the_identity(tmp_path):
     """A local directory without builder info: re-exported weights with the same config are another base."""
-    from frugal_spin.pipeline import _base_identity
+    from frugal_spin.context import base_identity
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"old weights")
     run_dir = tmp_path / "run"
     (run_dir / "stages").mkdir(parents=True)
-    before = _base_identity(tmp_path, run_dir)
+    before = base_identity(tmp_path, run_dir)
     (tmp_path / "model.safetensors").write_bytes(b"new weights!")  # another size: the memo is keyed by size+mtime
-    assert _base_identity(tmp_path, run_dir) != before
+    assert base_identity(tmp_path, run_dir) != before

@@ -261,14 +261,14 @@ def test_the_planner_follows_the_same_decision(tmp_path, model_type, packs):
 def test_only_a_refusal_on_a_model_earlier_versions_packed_changes_the_base_fingerprint():
     """Runs whose pair layout is unchanged keep their fingerprints (and so their finished stages); a model the guard
     now refuses, whose caches earlier versions scored packed (wrongly), gets a new one, so they are redone."""
-    from frugal_spin.pipeline import _packing_identity
+    from frugal_spin.context import packing_identity
     from frugal_spin.shared_prompt import PackingDecision
 
-    assert _packing_identity(PackingDecision(True, "on", 1e-7, 1e-5)) == ()
-    assert _packing_identity(PackingDecision(False, "not on the CPU (cuda: pairs are packed only where it is tested)")) == ()
-    assert _packing_identity(PackingDecision(False, "attention implementation 'flash_attention_2' takes no 4D mask")) == ()
-    refused = _packing_identity(PackingDecision(False, "allowlist miss: mpt with ALiBi (positions not set by position ids)"))
-    probed = _packing_identity(PackingDecision(False, "probe difference: 3.5e-03 nats per token", 3.5e-3, 1e-5))
+    assert packing_identity(PackingDecision(True, "on", 1e-7, 1e-5)) == ()
+    assert packing_identity(PackingDecision(False, "not on the CPU (cuda: pairs are packed only where it is tested)")) == ()
+    assert packing_identity(PackingDecision(False, "attention implementation 'flash_attention_2' takes no 4D mask")) == ()
+    refused = packing_identity(PackingDecision(False, "allowlist miss: mpt with ALiBi (positions not set by position ids)"))
+    probed = packing_identity(PackingDecision(False, "probe difference: 3.5e-03 nats per token", 3.5e-3, 1e-5))
     assert refused and probed and refused != probed
     # the measured difference is not part of it: a rerun whose probe differs by rounding keeps its stages
-    assert probed == _packing_identity(PackingDecision(False, "probe difference: 3.6e-03 nats per token", 3.6e-3, 1e-5))
+    assert probed == packing_identity(PackingDecision(False, "probe difference: 3.6e-03 nats per token", 3.6e-3, 1e-5))

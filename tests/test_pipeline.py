@@ -23,7 +23,7 @@ SEEN = {"generated_from": [], "scored": []}  # what the pipeline handed to gener
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, small_base_cache):
-    from frugal_spin import pipeline
+    from frugal_spin.stages import opponent
 
     def generate_spy(model, tokenizer, prompts, **kwargs):
         SEEN["generated_from"].append([list(p) for p in prompts])
@@ -33,13 +33,13 @@ def run_dir(tmp_path_factory, small_base_cache):
         SEEN["scored"].append([(list(p), list(y), list(g)) for p, y, g in triples])
         return score(model, triples, **kwargs)
 
-    generate, score = pipeline.generate_answers, pipeline.score_pairs
+    generate, score = opponent.generate_answers, opponent.score_pairs
     root = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
         mp.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
-        mp.setattr(pipeline, "generate_answers", generate_spy)
-        mp.setattr(pipeline, "score_pairs", score_spy)
+        mp.setattr(opponent, "generate_answers", generate_spy)
+        mp.setattr(opponent, "score_pairs", score_spy)
         assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={root / 'run'}", *OVERRIDES]) == 0
     return root / "run"
 

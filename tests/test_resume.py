@@ -12,7 +12,7 @@ from frugal_spin.checkpoint import TENSORS, find_checkpoint, remove_checkpoint
 from frugal_spin.config import SFTConfig
 from frugal_spin.errors import UserError
 from frugal_spin.generate import AnswerLog, generate_answers
-from frugal_spin.stages import StageStore
+from frugal_spin.stage_store import StageStore
 from frugal_spin.train import NonFiniteStreak, StepOutput, sft_step_fn, train_adapter, train_with_oom_retry
 from test_train import CPU, _examples, _model
 
@@ -261,8 +261,9 @@ def test_a_truncated_or_corrupt_output_makes_its_stage_run_again(tmp_path, capsy
 
 
 def test_cuda_oom_outside_training_is_one_line_naming_the_batch_size(tmp_path, monkeypatch, small_base_cache, capsys):
-    from frugal_spin import pipeline, tiny_base
+    from frugal_spin import tiny_base
     from frugal_spin.__main__ import main
+    from frugal_spin.stages import opponent
     from conftest import SMALL_BASE
 
     def out_of_memory(*args, **kwargs):
@@ -270,11 +271,11 @@ def test_cuda_oom_outside_training_is_one_line_naming_the_batch_size(tmp_path, m
 
     monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
     monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
-    monkeypatch.setattr(pipeline, "generate_answers", out_of_memory)
+    monkeypatch.setattr(opponent, "generate_answers", out_of_memory)
     args = ["data.fraction=0.02", "data.eval_size=8", "sft.epochs=1", "generation.batch_size=7"]
     assert main([str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={tmp_path / 'run'}", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: CUDA out of memory in anchor generation (generation.batch_size 7): lower "
+    assert err[-1] == ("error: CUDA out of memory in generation for anchor (generation.batch_size 7): lower "
                        "generation.batch_size (generation and scoring) or eval.batch_size; `python -m frugal_spin "
                        "plan RECIPE --gpu ...` estimates what fits")
     assert (tmp_path / "run" / "stages" / "sft.json").is_file()  # the finished stage is kept
@@ -284,10 +285,11 @@ def test_a_halved_micro_batch_is_remembered_across_a_crash(tmp_path, monkeypatch
     """OOM halves SFT's micro-batch 16 -> 8 -> 4; the run is then interrupted; the rerun starts at 4 (no new OOM)
     from the halved attempt's checkpoint, and the stage records the batching it used."""
     from conftest import SMALL_BASE
-    from frugal_spin import pipeline, tiny_base
+    from frugal_spin import tiny_base
     from frugal_spin.__main__ import main
+    from frugal_spin.stages import sft
 
-    real_step_fn, calls = pipeline.sft_step_fn, {"n": 0, "interrupt_at": 6}
+    real_step_fn, calls = sft.sft_step_fn, {"n": 0, "interrupt_at": 6}
 
     def small_memory_step_fn(*args, **kwargs):
         step = real_step_fn(*args, **kwargs)
@@ -304,7 +306,7 @@ def test_a_halved_micro_batch_is_remembered_across_a_crash(tmp_path, monkeypatch
 
     monkeypatch.setenv("FRUGAL_SPIN_CACHE", str(small_base_cache))
     monkeypatch.setattr(tiny_base, "_resolve_spec", lambda seed, spec: SMALL_BASE)
-    monkeypatch.setattr(pipeline, "sft_step_fn", small_memory_step_fn)
+    monkeypatch.setattr(sft, "sft_step_fn", small_memory_step_fn)
     run_dir = tmp_path / "run"
     args = [str(REPO / "recipes" / "cpu_tiny.yaml"), f"output_dir={run_dir}", "data.fraction=0.02", "data.eval_size=8",
             "sft.epochs=1", "sft.micro_batch_size=16", "sft.checkpoint_every_steps=1", "spin.iterations=0"]

@@ -3,7 +3,7 @@
 import json
 
 from frugal_spin.fingerprints import fingerprint
-from frugal_spin.stages import StageStore
+from frugal_spin.stage_store import StageStore
 
 
 def test_marker_counts_only_with_the_same_fingerprint(tmp_path):

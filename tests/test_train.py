@@ -46,6 +46,25 @@ def test_plan_counts_epochs_and_accumulation():
     assert plan == [b for w in windows for b in w]
 
 
+@pytest.mark.parametrize("n, micro, accum, epochs", [(44, 4, 2, 1.5), (44, 4, 2, 2.0), (5, 8, 1, 0.1), (37, 4, 3, 2.7),
+                                                   (100, 16, 1, 0.5), (0, 4, 1, 3.0), (7, 1, 1, 0.01)])
+def test_the_step_count_is_the_plan_s_length_without_planning(n, micro, accum, epochs):
+    cfg = SFTConfig(epochs=epochs, micro_batch_size=micro, grad_accum_steps=accum)
+    assert train_mod.count_optimizer_steps(n, cfg) == len(plan_windows([1] * n, cfg, seed=0))
+
+
+def test_an_absurd_epoch_count_is_refused_before_anything_is_planned():
+    """Issue 20 item 11: sft.epochs=1e12 hung, building the whole plan in memory (~45 MB/s)."""
+    import time
+
+    from frugal_spin.errors import UserError
+
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="epochs=1e[+]12 plans 250,000,000,000,000 optimizer steps"):
+        plan_windows([1] * 1000, SFTConfig(epochs=1e12, micro_batch_size=4), seed=0)
+    assert time.perf_counter() - started < 1
+
+
 def test_sft_training_lowers_the_loss():
     model, examples = _model(), _examples()
     cfg = SFTConfig(epochs=8, learning_rate=1e-2, micro_batch_size=8, warmup_ratio=0.0)

@@ -17,12 +17,12 @@ many seeds agree in sign, because both arms of a seed share the SFT adapter and 
 The hypothesis of the research brief, "the loss of the model trained by SPIN is lower than at the SFT stage", is
 checked for two losses: the held-out NLL of real answers and the SPIN loss on the held-out anchor pairs, comparing
 every SPIN arm (one per SPIN loss) after its last iteration with the SFT stage. The anchor SPIN loss is always the
-paper's sigmoid member, whatever loss an arm trained with, so every arm is measured with the same yardstick. It holds when the mean is lower; the statement says by
-how much and whether that exceeds the spread. The same check on the continued-SFT arm says whether a gain is due
+paper's sigmoid member, whatever loss an arm trained with, so every arm is measured with the same yardstick. It
+holds when the mean is lower; the statement says by how much and whether that exceeds the spread. The same check on the continued-SFT arm says whether a gain is due
 to SPIN or just to more training.
 
-Budgets (`equal_time_budget`, `spin_steps_per_iteration`) and the arms' names are read from the same records and
-live here too; `compare.py` imports them from here, never the other way round.
+The tables and charts are rendered as report.md's are (render.py); the budgets and the arms' names are
+compare/budgets.py's.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from frugal_spin.compare.budgets import EQUAL_STEPS, EQUAL_TIME, equal_time_budget, loss_arms, seeds_of
 from frugal_spin.config import Recipe
 from frugal_spin.errors import UserError
 from frugal_spin.io import write_json, write_text
-from frugal_spin.plan import OPPONENT_KINDS, TRAIN_KINDS, iteration_folder
-from frugal_spin.report import (DIAGNOSTIC_KEYS, DIAGNOSTIC_LABELS, EVAL_KEYS, LOG2, _ROLE_COLOURS, _save_png,
-                                build_report, iteration_diagnostics, logp_direction, read_records)
+from frugal_spin.plan import TRAIN_KINDS, iteration_folder
+from frugal_spin.render import ROLE_COLOURS, markdown_table, save_png
+from frugal_spin.report import (DIAGNOSTIC_KEYS, DIAGNOSTIC_LABELS, EVAL_KEYS, LOG2, build_report,
+                                iteration_diagnostics, logp_direction, read_records)
 
-# The continued-SFT arms' directory names under each seed's run directory (compare.py runs them).
-EQUAL_STEPS, EQUAL_TIME = "sft_equal_steps", "sft_equal_time"
 SFT_ARM_LABELS = {EQUAL_STEPS: "LoRA-SFT, equal steps", EQUAL_TIME: "LoRA-SFT, equal wall time"}
 METRIC_LABELS = {"heldout_nll": "held-out NLL of real answers", "spin_loss": "SPIN loss on held-out anchor pairs",
                  "reward_margin": "reward margin on anchor pairs", "reward_accuracy": "reward accuracy on anchor pairs",
@@ -48,63 +48,6 @@ METRIC_LABELS = {"heldout_nll": "held-out NLL of real answers", "spin_loss": "SP
 LOWER_IS_BETTER = {"heldout_nll": True, "spin_loss": True, "reward_margin": False, "reward_accuracy": False,
                    "exact_match": False}
 HYPOTHESIS_LOSSES = ("heldout_nll", "spin_loss")
-
-
-def loss_arms(recipe: Recipe) -> dict[str, str]:
-    """The SPIN arms of a comparison, {arm name: loss}: "spin" (the seed run, with spin.loss) first, then
-    "spin_<loss>" for every other loss in compare.spin_losses, in the order given."""
-    arms = {"spin": recipe.spin.loss}
-    arms.update({f"spin_{loss}": loss for loss in recipe.compare.spin_losses if loss != recipe.spin.loss})
-    return arms
-
-
-def seeds_of(recipe: Recipe) -> list[int]:
-    return [recipe.seed + i for i in range(recipe.compare.seeds)]
-
-
-# ---------------------------------------------------------------------------------------------------- budgets
-
-def _of_kind(run_dir: Path, kinds: tuple[str, ...], iterations: int) -> list[list[dict[str, Any]]]:
-    """Per iteration t < iterations, the records of `run_dir` of these kinds at t (from their kind and iteration)."""
-    records = read_records(run_dir)
-    return [[r for r in records if r["kind"] in kinds and r["iteration"] == t] for t in range(iterations)]
-
-
-def _the_one(records: list[dict[str, Any]], what: str, run_dir: Path) -> dict[str, Any]:
-    if len(records) != 1:
-        raise UserError(f"compare: {run_dir} has {len(records)} {what} records where one is expected: rerun the "
-                        "compare command")
-    return records[0]
-
-
-def spin_steps_per_iteration(seed_dir: Path, iterations: int) -> list[int]:
-    """Optimizer steps each SPIN iteration of a seed's run took (from its training markers)."""
-    return [_the_one(rs, f"SPIN training (iteration {t})", seed_dir)["metrics"]["optimizer_steps"]
-            for t, rs in enumerate(_of_kind(seed_dir, ("spin",), iterations))]
-
-
-def spin_iteration_seconds(seed_dir: Path, iterations: int) -> list[float]:
-    """Wall time of each SPIN iteration's work: generating, scoring (previous pairs too) and training."""
-    return [sum(r["wall_time_s"] for r in rs) for rs in _of_kind(seed_dir, (*OPPONENT_KINDS, "spin"), iterations)]
-
-
-def equal_time_budget(seed_dir: Path, iterations: int, threshold: float) -> dict[str, Any]:
-    """Whether the equal-time SFT arm is needed, and its steps per block, from one seed's recorded wall times.
-
-    relative_difference = (SPIN time - equal-steps SFT time) / SPIN time over all iterations/blocks; the arm runs
-    when its absolute value exceeds `threshold`. One SFT step's time is the equal-steps arm's training time divided
-    by its steps (evaluation excluded on both sides: it is the same work for every arm)."""
-    spin_s = spin_iteration_seconds(seed_dir, iterations)
-    blocks = [_the_one(rs, f"continued-SFT block {t}", seed_dir / EQUAL_STEPS)
-              for t, rs in enumerate(_of_kind(seed_dir / EQUAL_STEPS, ("sft",), iterations))]
-    sft_s = sum(b["wall_time_s"] for b in blocks)
-    sft_steps = sum(b["metrics"]["optimizer_steps"] for b in blocks)
-    step_s = sft_s / sft_steps
-    relative = (sum(spin_s) - sft_s) / sum(spin_s)
-    needed = abs(relative) > threshold
-    return {"spin_iteration_s": spin_s, "sft_equal_steps_s": sft_s, "sft_step_s": step_s,
-            "relative_difference": relative, "threshold": threshold, "equal_time_arm": needed,
-            "equal_time_steps": [max(1, round(s / step_s)) for s in spin_s] if needed else None}
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -383,7 +326,7 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
     for arm in spin_arms:
         lines += ["", f"## {arms[arm]['label']} against continued SFT after the last iteration ({last})", "",
                   f"Difference = SPIN − SFT arm; {summary['criterion']}.", ""]
-        lines += _versus_table(arms, arm, summary["spin_arms_vs_sft"][arm], last)
+        lines.append(_versus_table(arms, arm, summary["spin_arms_vs_sft"][arm], last))
     lines += _diagnostics_markdown(arms, spin_arms)
     lines += ["", "## Budgets", "",
               "Optimizer steps per iteration/block: " + "; ".join(
@@ -402,7 +345,7 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
     header = ["arm", "point", *[METRIC_LABELS.get(k, k) for k in metric_keys]]
     rows = [[a["label"], p, *[_pm(a["metrics"][p][k]) if k in a["metrics"][p] else "–" for k in metric_keys]]
             for a in arms.values() for p in points]
-    lines += _table(header, rows)
+    lines.append(markdown_table(header, rows))
     lines += ["", "Training loss: the arm's own SPIN loss on the iteration's pairs for SPIN (so the losses' scales "
               "differ: log 2, 1 and 2 log 2 at the start for sigmoid, hinge and space), the NLL per answer token for "
               "SFT (mean of the block's last 20 optimizer steps).", "", "## Wall time and peak memory per phase", ""]
@@ -412,7 +355,7 @@ def _markdown(summary: dict[str, Any], command: str) -> str:
             rows.append([a["label"], name, _pm(ph["wall_time_s"], 2), _pm(ph["peak_mem_gib"], 3)])
     kind = next((ph["memory_kind"] for a in arms.values() for ph in a["phases"].values() if ph["memory_kind"]), None)
     mem = {"cpu_rss": "peak RSS (GiB)", "cuda_allocated": "peak CUDA allocated (GiB)"}.get(kind, "peak memory (GiB)")
-    lines += _table(["arm", "phase", "wall time (s)", mem], rows)
+    lines.append(markdown_table(["arm", "phase", "wall time (s)", mem], rows))
     lines += ["", "Every arm shares the seed's SFT and SFT-eval phases (run once). The SPIN arms of other losses "
               "copy iteration 0's generation and scoring from the seed run (same opponent) and are charged its "
               "recorded time, so each arm's row is what it would cost alone. Setup (loading the base and data) is not "
@@ -433,7 +376,7 @@ def _diagnostics_markdown(arms: dict[str, Any], spin_arms: list[str]) -> list[st
              "after iteration t−1). \"Near\": token-level edit similarity >= 0.9 to the real answer, special tokens "
              "removed. Δ log p: the player's change in nats per answer, on the iteration's training pairs against "
              "its opponent (mean of the last optimizer steps) and on the held-out anchor pairs against the SFT "
-             "model.", "", *_table(["arm", "iteration", *[DIAGNOSTIC_LABELS[k] for k in keys]], rows), ""]
+             "model.", "", markdown_table(["arm", "iteration", *[DIAGNOSTIC_LABELS[k] for k in keys]], rows), ""]
     for a in spin_arms:
         for p, d in arms[a]["diagnostics"].items():
             if "real_logp_change" in d and "generated_logp_change" in d:
@@ -444,7 +387,7 @@ def _diagnostics_markdown(arms: dict[str, Any], spin_arms: list[str]) -> list[st
 
 
 def _versus_table(arms: dict[str, Any], spin_arm: str, versus: dict[str, list[dict[str, Any]]],
-                  last: str) -> list[str]:
+                  last: str) -> str:
     header = ["metric", arms[spin_arm]["label"]]
     for arm in versus:
         header += [arms[arm]["label"], "difference", "better", "beyond spread", "seeds where SPIN is better"]
@@ -461,11 +404,7 @@ def _versus_table(arms: dict[str, Any], spin_arm: str, versus: dict[str, list[di
                     "–" if d["exceeds_spread"] is None else "yes" if d["exceeds_spread"] else "no",
                     f"{d['seeds_spin_better']} of {len(d['paired_differences'])}"]
         rows.append(row)
-    return _table(header, rows)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return markdown_table(header, rows)
 
 
 # ------------------------------------------------------------------------------------------------------ charts
@@ -496,7 +435,7 @@ def _metrics_png(summary: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Mean ± std over {len(summary['seeds'])} seeds (iter_t = after SPIN iteration / SFT block t)",
                  fontsize=10)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _timeline_png(summary: dict[str, Any], path: Path) -> None:
@@ -510,7 +449,7 @@ def _timeline_png(summary: dict[str, Any], path: Path) -> None:
         start = 0.0
         for phase, ph in arm["phases"].items():
             width = ph["wall_time_s"]["mean"]
-            gantt.barh(y, width, left=start, color=_ROLE_COLOURS.get(ph["role"], "#8c564b"), edgecolor="black",
+            gantt.barh(y, width, left=start, color=ROLE_COLOURS.get(ph["role"], "#8c564b"), edgecolor="black",
                        linewidth=0.5, height=0.6)
             if width > 0.04 * _total_time(arms):
                 gantt.text(start + width / 2, y, phase, ha="center", va="center", fontsize=7, rotation=90
@@ -529,7 +468,7 @@ def _timeline_png(summary: dict[str, Any], path: Path) -> None:
     memax.legend(fontsize=7)
     for ax in (gantt, memax):
         ax.grid(axis="x", alpha=0.3)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _total_time(arms: dict[str, Any]) -> float:
