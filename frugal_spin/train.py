@@ -46,11 +46,8 @@ class StepOutput:
     tokens: int  # tokens forwarded (for tokens/s)
     metrics: dict[str, float] = field(default_factory=dict)
     # What `loss` is a mean over (response tokens for SFT, pairs for SPIN): the micro-batch's weight in its window.
-    # None: `weight_of(batch)` of the step function (see `train_adapter`).
+    # None: the step's `weight_of(batch)` (TrainingStep).
     weight: float | None = None
-
-
-StepFn = Callable[[list[int]], StepOutput]
 
 
 @dataclass
@@ -160,39 +157,139 @@ class NonFiniteStreak(UserError):
     """Too many non-finite losses or gradients in a row: training cannot recover by skipping steps."""
 
 
-def train_adapter(
-    model,
-    runtime: Runtime,
-    cfg: TrainConfig,
-    lengths: Sequence[int],
-    step_fn: StepFn,
-    *,
-    seed: int,
-    on_step: Callable[[int, float], None] | None = None,
-    trace_dir: Path | None = None,
-    trace_steps: int = 3,
-    checkpoint_dir: Path | None = None,
-    fingerprint: str = "",
-    stage: str = "training",
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
-    disable_dropout: bool = False,
-) -> TrainResult:
-    """Run the optimizer over `cfg.epochs` of the items; `on_step(optimizer_steps_done, loss)` reports progress,
-    and `on_log(optimizer_steps_done, values)` receives each applied step's loss, learning rate, tokens/s and step
-    metrics (for live curves, `live_log.py`).
+@dataclass(frozen=True)
+class TrainingStep:
+    """A step function with the weight each micro-batch has in its window (module docstring): what its loss is a
+    mean over, known before the forward so the window's planned total W is too. `sft_step_fn` weighs response
+    tokens, `spin_step_fn` pairs. `train_adapter` also takes a plain function of a micro-batch, whose planned
+    weight is then its number of items."""
+    run: Callable[[list[int]], StepOutput]
+    weight_of: Callable[[list[int]], float] = len
 
-    Accumulation (module docstring): micro-batch i of a window contributes loss_i * w_i / W to the gradient, w_i its
-    `StepOutput.weight` and W the window's planned total, `step_fn.weight_of(batch)` summed over the window's
-    micro-batches (default: the number of items); should the finite micro-batches weigh less than W (skips), the
-    gradient is rescaled to their own total before the step. The per-step loss recorded is the same weighted mean.
+    def __call__(self, batch: list[int]) -> StepOutput:
+        return self.run(batch)
+
+
+@dataclass
+class MicroBatchResult:
+    index: int  # in the plan: the one-process order of the numbers
+    loss: float | None  # the micro-batch's mean loss; None when it was not finite (not backpropagated)
+    metrics: dict[str, float]
+    tokens: int
+    weight: float
+
+
+class AccumulationWindow:
+    """The micro-batches of one optimizer step, and what they add up to.
+
+    Micro-batch i contributes loss_i * w_i / W to the gradient, w_i its weight (`StepOutput.weight`, else the
+    step's `weight_of`) and W the window's planned total; should the finite micro-batches weigh less than W
+    (skips), the gradient is rescaled to their own total before the step. The step's recorded loss (and each step
+    metric) is the same weighted mean. With several ranks, each runs its own micro-batches of the window and
+    `gather` takes every rank's results in the one-process order."""
+
+    def __init__(self, batches: list[list[int]], weight_of: Callable[[list[int]], float]):
+        self.planned = max(1e-12, float(sum(weight_of(batch) for batch in batches)))
+        self.weight_of = weight_of
+        self.mine: list[MicroBatchResult] = []  # this rank's micro-batches
+        self.weight, self.loss = 0.0, 0.0  # the finite micro-batches' total weight and weighted loss sum
+        self.metrics: dict[str, list[float]] = {}
+
+    def backward(self, index: int, batch: list[int], step: Callable[[list[int]], StepOutput], runtime: Runtime,
+                 scaler: torch.amp.GradScaler | None, seed: int) -> None:
+        """Micro-batch `index` of the plan: forward, and backward of its weighted loss unless it is not finite.
+        Seeded by its index in the plan (LoRA dropout): the same draws on any rank and after a resume."""
+        torch.manual_seed(seed * 1_000_003 + index)
+        with runtime.autocast(), runtime.activation_offload():
+            out = step(batch)
+        if not torch.isfinite(out.loss):
+            self.mine.append(MicroBatchResult(index, None, {}, 0, 0.0))
+            return
+        weight = float(out.weight if out.weight is not None else self.weight_of(batch))
+        loss = out.loss * (weight / self.planned)
+        (scaler.scale(loss) if scaler else loss).backward()
+        self.mine.append(MicroBatchResult(index, out.loss.item(), out.metrics, out.tokens, weight))
+
+    def gather(self, world, result: TrainResult) -> int:
+        """Every rank's micro-batches of the window, in the one-process order, into the window's totals and
+        `result`; returns how many had a non-finite loss."""
+        bad = 0
+        for micro in sorted(sum(world.gather(self.mine), []), key=lambda m: m.index):
+            if micro.loss is None:
+                result.skipped_micro_batches += 1
+                bad += 1
+                continue
+            self.weight += micro.weight
+            self.loss += micro.loss * micro.weight
+            for k, v in micro.metrics.items():
+                self.metrics.setdefault(k, []).append(v * micro.weight)
+            result.tokens += micro.tokens
+        return bad
+
+    def step(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None, max_grad_norm: float, result: TrainResult) -> tuple[bool, bool]:
+        """The optimizer step of the accumulated gradient, or a counted skip when the gradient norm is not finite.
+        Returns (applied, whether a skip counts towards the non-finite streak: the fp16 GradScaler's own overflow
+        skips while its scale is above 1 are it finding its scale, not a diverging run)."""
+        if self.weight == 0:  # nothing was backpropagated: nothing to unscale, clip or step
+            return False, False
+        if scaler:
+            scaler.unscale_(optimizer)
+        if self.weight != self.planned:  # skipped micro-batches: renormalise to the ones that count
+            with torch.no_grad():
+                for param in params:
+                    if param.grad is not None:
+                        param.grad.mul_(self.planned / self.weight)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        applied = bool(torch.isfinite(grad_norm))
+        counts = False
+        if not applied:
+            result.skipped_optimizer_steps += 1
+            if scaler is not None and scaler.get_scale() > 1.0:
+                result.scaler_overflow_steps += 1  # the scaler searching its scale: routine
+            else:
+                counts = True
+        if scaler:  # on a non-finite gradient the scaler skips the step itself and lowers its scale
+            scaler.step(optimizer)
+            scaler.update()
+        elif applied:
+            optimizer.step()
+        result.losses.append(self.loss / self.weight)
+        for k, v in self.metrics.items():
+            result.metrics.setdefault(k, []).append(sum(v) / self.weight)
+        return applied, counts
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The windows of `plan_windows` flattened into the micro-batches the loop runs, with each one's window and
+    place in it (window position j of every optimizer step runs on rank j % N)."""
+    windows: list[list[list[int]]]
+
+    @property
+    def micro_batches(self) -> list[list[int]]:
+        return [batch for window in self.windows for batch in window]
+
+    def locate(self) -> list[tuple[int, int]]:
+        """(window, position in it) of every micro-batch."""
+        return [(w, i) for w, window in enumerate(self.windows) for i in range(len(window))]
+
+
+def train_adapter(model, runtime: Runtime, cfg: TrainConfig, lengths: Sequence[int],
+                  step_fn: TrainingStep | Callable[[list[int]], StepOutput], *, seed: int,
+                  on_step: Callable[[int, float], None] | None = None, trace_dir: Path | None = None,
+                  trace_steps: int = 3, checkpoint_dir: Path | None = None, fingerprint: str = "",
+                  stage: str = "training", on_log: Callable[[int, dict[str, float]], None] | None = None,
+                  disable_dropout: bool = False) -> TrainResult:
+    """Run the optimizer over `cfg.epochs` of the items, one `AccumulationWindow` per optimizer step;
+    `on_step(optimizer_steps_done, loss)` reports progress, and `on_log(optimizer_steps_done, values)` receives
+    each applied step's loss, learning rate, tokens/s and step metrics (for live curves, `live_log.py`).
 
     Faults: a micro-batch with a non-finite loss is not backpropagated, and an optimizer step with a non-finite
-    gradient norm is not applied; both are counted. `cfg.max_nonfinite_in_a_row` such events without a good step
-    in between raise `NonFiniteStreak` (the adapter then holds the last good weights: no bad step was applied).
-    Under fp16 the GradScaler's own overflow skips while its scale is above 1 are the scaler finding its scale, not
-    a diverging run: they are counted (`scaler_overflow_steps`) but not towards the streak.
-
-    `disable_dropout` (SPIN training): every dropout of the model is off while training (`dropout_disabled`).
+    gradient norm is not applied; both are counted, and the learning-rate schedule moves with the applied steps
+    only. `cfg.max_nonfinite_in_a_row` such events without a good step in between raise `NonFiniteStreak` (the
+    adapter then holds the last good weights: no bad step was applied); fp16 scaler overflows while its scale is
+    above 1 do not count.
 
     Resume: with `checkpoint_dir`, the full training state is saved every `cfg.checkpoint_every_steps` optimizer
     steps, and a matching checkpoint found there at the start is restored, so a killed stage continues from its
@@ -200,139 +297,61 @@ def train_adapter(
 
     Ranks (`distributed.py`): each optimizer step's window of `cfg.grad_accum_steps` micro-batches is dealt round
     robin over the ranks and the gradients are summed over them before clipping, so N ranks take the same steps as
-    one process (same global batch, same micro-batches, same order of the logged numbers); each micro-batch is
-    seeded by its index in the plan.
+    one process (same global batch, same micro-batches, same order of the logged numbers).
 
-    With `trace_dir`, a torch.profiler trace of `trace_steps` optimizer steps (after one skipped and one warm-up
-    step) is written there in the TensorBoard plugin's format, a Chrome-trace JSON that Perfetto also opens."""
+    `disable_dropout` (SPIN training): every dropout is off (`dropout_disabled`); `trace_dir`: see `_tracer`."""
     from transformers import get_scheduler
 
-    from frugal_spin.checkpoint import find_checkpoint, plan_digest, restore_checkpoint, save_checkpoint
+    from frugal_spin.checkpoint import plan_digest, save_checkpoint
 
-    windows = plan_windows(lengths, cfg, seed)
-    micro_batches = [batch for window in windows for batch in window]
-    window_of: list[int] = [w for w, window in enumerate(windows) for _ in window]
-    total_steps = len(windows)
-    weight_of: Callable[[list[int]], float] = getattr(step_fn, "weight_of", len)
+    plan = TrainingPlan(plan_windows(lengths, cfg, seed))
+    micro_batches, located, total = plan.micro_batches, plan.locate(), len(plan.windows)
+    weight_of = step_fn.weight_of if isinstance(step_fn, TrainingStep) else len
     params = trainable_parameters(model)
-    optimizer = make_optimizer(params, cfg, runtime)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    scaler = make_grad_scaler(runtime)
-    result = TrainResult()
+    optimizer, scaler = make_optimizer(params, cfg, runtime), make_grad_scaler(runtime)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
+                              num_training_steps=total)
     model.train()
     torch.manual_seed(seed)
-    start = 0
-    plan = plan_digest(micro_batches)
-    found = find_checkpoint(checkpoint_dir, fingerprint=fingerprint, plan=plan) if checkpoint_dir else None
-    if found is not None:
-        restore_checkpoint(*found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start = found[1]["next_micro_batch"]
-        result = TrainResult(**found[1]["progress"])
-        if on_step is not None and result.optimizer_steps:
-            on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
-    planned = 0.0  # the current window's planned total weight W
-    window_weight, window_loss = 0.0, 0.0  # its finite micro-batches' total weight and weighted loss sum
-    window_metrics: dict[str, list[float]] = {}
-    bad_in_a_row = 0
+    digest = plan_digest(micro_batches)
+    start, result = _resumed(checkpoint_dir, fingerprint, digest, model, optimizer, scheduler, scaler, on_step)
+    bad_in_a_row, window, log = 0, None, _StepLog(on_log, result.tokens)
     tracer = _tracer(trace_dir, trace_steps, runtime)
-    logged_at, logged_tokens = time.perf_counter(), result.tokens
-    world = current_world()  # with N ranks, window position j of every optimizer step runs on rank j % N
+    world = current_world()
     world.broadcast_params(params)
-    position = [i for window in windows for i in range(len(window))]  # a micro-batch's place in its window
-    # (index, loss or None if not finite, metrics, tokens, weight) of this rank's micro-batches of the window
-    mine: list[tuple[int, float | None, dict[str, float], int, float]] = []
-    dropout = dropout_disabled(model) if disable_dropout else contextlib.nullcontext()
-    with dropout:
+    with dropout_disabled(model) if disable_dropout else contextlib.nullcontext():
         for index in range(start, len(micro_batches)):
-            window = windows[window_of[index]]
-            if index == 0 or window_of[index - 1] != window_of[index] or index == start:
-                planned = max(1e-12, float(sum(weight_of(batch) for batch in window)))
-            if world.owns(position[index]):
-                # Seeded by the micro-batch's global index (LoRA dropout): the same draws on any rank and after a
-                # resume.
-                torch.manual_seed(seed * 1_000_003 + index)
-                with runtime.autocast(), runtime.activation_offload():
-                    out = step_fn(micro_batches[index])
-                if not torch.isfinite(out.loss):
-                    mine.append((index, None, {}, 0, 0.0))
-                else:
-                    weight = float(out.weight if out.weight is not None else weight_of(micro_batches[index]))
-                    loss = out.loss * (weight / planned)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    mine.append((index, out.loss.item(), out.metrics, out.tokens, weight))
-            if index + 1 < len(micro_batches) and window_of[index + 1] == window_of[index]:
+            w, position = located[index]
+            window = window or AccumulationWindow(plan.windows[w], weight_of)
+            if world.owns(position):
+                window.backward(index, micro_batches[index], step_fn, runtime, scaler, seed)
+            if position + 1 < len(plan.windows[w]):
                 continue
             world.all_reduce_grads(params)  # the window's gradient summed over ranks: the one-process gradient
-            # Every rank's micro-batches of the window in the one-process order, so the step's numbers are too.
-            for _, micro_loss, micro_metrics, micro_tokens, weight in sorted(sum(world.gather(mine), []),
-                                                                             key=lambda m: m[0]):
-                if micro_loss is None:
-                    result.skipped_micro_batches += 1
-                    bad_in_a_row += 1
-                    continue
-                window_weight += weight
-                window_loss += micro_loss * weight
-                for k, v in micro_metrics.items():
-                    window_metrics.setdefault(k, []).append(v * weight)
-                result.tokens += micro_tokens
-            mine = []
-            # End of the window: one optimizer step (or a counted skip).
-            if window_weight > 0:  # else nothing was backpropagated: nothing to unscale, clip or step
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if window_weight != planned:  # skipped micro-batches: renormalise to the ones that count
-                    with torch.no_grad():
-                        for param in params:
-                            if param.grad is not None:
-                                param.grad.mul_(planned / window_weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                           else float("inf"))
-                if not torch.isfinite(grad_norm):
-                    result.skipped_optimizer_steps += 1
-                    if scaler is not None and scaler.get_scale() > 1.0:
-                        result.scaler_overflow_steps += 1  # the scaler searching its scale: routine
-                    else:
-                        bad_in_a_row += 1
-                    if scaler:  # the scaler skips the step itself and lowers its scale
-                        scaler.step(optimizer)
-                        scaler.update()
-                else:
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    bad_in_a_row = 0
-                result.losses.append(window_loss / window_weight)
-                for k, v in window_metrics.items():
-                    result.metrics.setdefault(k, []).append(sum(v) / window_weight)
+            bad_in_a_row += window.gather(world, result)
+            applied, counts = window.step(params, optimizer, scaler, cfg.max_grad_norm, result)
+            bad_in_a_row = 0 if applied else bad_in_a_row + counts
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
-            scheduler.step()
+            if applied:  # a skipped step leaves the schedule where it is (and torch warns of it otherwise)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.optimizer_steps += 1
-            if window_weight > 0 and on_log is not None:
-                now = time.perf_counter()
-                on_log(result.optimizer_steps, {
-                    "loss": result.losses[-1], "lr": lr,
-                    "tokens_per_s": (result.tokens - logged_tokens) / max(now - logged_at, 1e-9),
-                    **{k: v[-1] for k, v in result.metrics.items()}})
-                logged_at, logged_tokens = now, result.tokens
+            if window.weight > 0:
+                log(result, lr)
             if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
-                raise NonFiniteStreak(
-                    f"{stage}: {bad_in_a_row} non-finite losses or gradients in a row at optimizer step "
-                    f"{result.optimizer_steps}/{total_steps}; stopped (lower the learning rate, or raise "
-                    f"max_nonfinite_in_a_row)")
+                raise NonFiniteStreak(f"{stage}: {bad_in_a_row} non-finite losses or gradients in a row at optimizer "
+                                      f"step {result.optimizer_steps}/{total}; stopped (lower the learning rate, or "
+                                      f"raise max_nonfinite_in_a_row)")
             if on_step is not None:
                 on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
-            window_weight, window_loss, window_metrics = 0.0, 0.0, {}
+            window = None
             if tracer is not None:
                 tracer.step()
             if (checkpoint_dir is not None and cfg.checkpoint_every_steps > 0 and index + 1 < len(micro_batches)
                     and result.optimizer_steps % cfg.checkpoint_every_steps == 0):
-                world.write(save_checkpoint, checkpoint_dir, model=model, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, fingerprint=fingerprint, plan=plan,
-                            next_micro_batch=index + 1, progress=asdict(result))
+                world.write(save_checkpoint, checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, fingerprint=fingerprint, plan=digest, next_micro_batch=index + 1,
+                            progress=asdict(result))
                 crash_point(f"{stage}.checkpoint", result.optimizer_steps)
             crash_point(f"{stage}.step", result.optimizer_steps)
     if tracer is not None:
@@ -341,13 +360,49 @@ def train_adapter(
     return result
 
 
+class _StepLog:
+    """`on_log(optimizer_steps, values)` after a step that trained on something: its loss, learning rate, step
+    metrics and the tokens/s since the previous such step."""
+
+    def __init__(self, on_log: Callable[[int, dict[str, float]], None] | None, tokens: int):
+        self.on_log, self.at, self.tokens = on_log, time.perf_counter(), tokens
+
+    def __call__(self, result: TrainResult, lr: float) -> None:
+        if self.on_log is None:
+            return
+        now = time.perf_counter()
+        tokens_per_s = (result.tokens - self.tokens) / max(now - self.at, 1e-9)
+        self.on_log(result.optimizer_steps, {"loss": result.losses[-1], "lr": lr, "tokens_per_s": tokens_per_s,
+                                             **{k: v[-1] for k, v in result.metrics.items()}})
+        self.at, self.tokens = now, result.tokens
+
+
+def _resumed(checkpoint_dir: Path | None, fingerprint: str, digest: str, model, optimizer, scheduler, scaler,
+             on_step) -> tuple[int, TrainResult]:
+    """Where training starts: the first micro-batch and the progress so far (a matching checkpoint's, restored
+    into the model, optimizer, scheduler and scaler), else 0 and nothing."""
+    from frugal_spin.checkpoint import find_checkpoint, restore_checkpoint
+
+    found = find_checkpoint(checkpoint_dir, fingerprint=fingerprint, plan=digest) if checkpoint_dir else None
+    if found is None:
+        return 0, TrainResult()
+    restore_checkpoint(*found, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    result = TrainResult(**found[1]["progress"])
+    if on_step is not None and result.optimizer_steps:
+        on_step(result.optimizer_steps, result.losses[-1] if result.losses else float("nan"))
+    return found[1]["next_micro_batch"], result
+
+
 def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg: TrainConfig, *,
                          allow_halving: bool, stage: str, advice: Callable[[], str],
                          on_retry: Callable[[TrainConfig], None]) -> tuple[TrainResult, TrainConfig]:
     """`train(cfg)`, and on CUDA out-of-memory either a clear error with what the planner suggests or, when the
-    recipe allows it, the same stage again from its starting weights with half the micro-batch and twice the
-    gradient accumulation (the same effective batch and number of optimizer steps); `on_retry(smaller_cfg)` runs
-    before each retry (to drop the failed attempt's checkpoint and remember the smaller batching)."""
+    recipe allows it, the same stage again from its starting weights and gradients with half the micro-batch and
+    twice the gradient accumulation (the same effective batch and number of optimizer steps); `on_retry(smaller)`
+    runs before each retry (to drop the failed attempt's checkpoint and remember the smaller batching).
+
+    The starting gradients are restored too (to none, as a stage starts): a micro-batch the failed attempt had
+    already backpropagated would otherwise be counted again in the retry's first step."""
     initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     while True:
         try:
@@ -371,11 +426,14 @@ def train_with_oom_retry(train: Callable[[TrainConfig], TrainResult], model, cfg
             for name, param in model.named_parameters():
                 if name in initial:
                     param.copy_(initial[name])
+                    param.grad = None
         on_retry(smaller)
         cfg = smaller
 
 
 def _tracer(trace_dir: Path | None, steps: int, runtime: Runtime):
+    """With `trace_dir`, a torch.profiler trace of `steps` optimizer steps (after one skipped and one warm-up step),
+    written there in the TensorBoard plugin's format, a Chrome-trace JSON that Perfetto also opens."""
     if trace_dir is None:
         return None
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -395,7 +453,7 @@ def total_optimizer_steps(n_items: int, cfg: TrainConfig) -> int:
 # ---------------------------------------------------------------- the two losses, per micro-batch
 
 
-def sft_step_fn(model, examples: Sequence[Encoded], pad_id: int, chunk_size: int, device) -> StepFn:
+def sft_step_fn(model, examples: Sequence[Encoded], pad_id: int, chunk_size: int, device) -> TrainingStep:
     """Loss on response tokens only: the prompt is context, never a target."""
 
     def step(batch: list[int]) -> StepOutput:
@@ -406,8 +464,7 @@ def sft_step_fn(model, examples: Sequence[Encoded], pad_id: int, chunk_size: int
         return StepOutput(sft_loss(logps, n_tokens), int(seqs.attention_mask.sum()), weight=float(n_tokens.sum()))
 
     # The loss is a mean over response tokens: a micro-batch weighs its response tokens in the window.
-    step.weight_of = lambda batch: sum(len(examples[i].answer_ids) for i in batch)
-    return step
+    return TrainingStep(step, weight_of=lambda batch: sum(len(examples[i].answer_ids) for i in batch))
 
 
 def spin_step_fn(
@@ -422,7 +479,7 @@ def spin_step_fn(
     chunk_size: int,
     device,
     loss: str = "sigmoid",
-) -> StepFn:
+) -> TrainingStep:
     """Player log-probs of the real and generated answers in one forward, against the cached
     opponent log-probs: no opponent forward pass, no reference model in memory. `loss` names the member of the
     SPIN loss family (`losses.SPIN_LOSSES`, the recipe's `spin.loss`).
@@ -443,5 +500,4 @@ def spin_step_fn(
         return StepOutput(out.loss, pair_tokens(triples, shared), metrics, weight=float(len(batch)))
 
     # The SPIN loss is a mean over pairs: a micro-batch weighs its pairs in the window, whatever their lengths.
-    step.weight_of = len
-    return step
+    return TrainingStep(step, weight_of=len)

@@ -33,11 +33,11 @@ from frugal_spin.errors import UserError
 from frugal_spin.io import write_json
 from frugal_spin.model import save_adapter
 from frugal_spin.runner import Job, Outcome
-from frugal_spin.train import (MAX_OPTIMIZER_STEPS, NonFiniteStreak, StepFn, TrainResult, count_optimizer_steps,
+from frugal_spin.train import (MAX_OPTIMIZER_STEPS, NonFiniteStreak, TrainingStep, TrainResult, count_optimizer_steps,
                                total_optimizer_steps, train_adapter, train_with_oom_retry)
 
 
-def train_stage(job: Job, cfg: TrainConfig, section: str, lengths: Sequence[int], step: StepFn, *, seed: int,
+def train_stage(job: Job, cfg: TrainConfig, section: str, lengths: Sequence[int], step: TrainingStep, *, seed: int,
                 disable_dropout: bool = False) -> tuple[TrainResult, TrainConfig]:
     """Train the loaded adapter for this stage (module docstring); return the result and the batching it used.
     `section` is the recipe section the settings come from (`sft` or `spin`), for messages."""

@@ -193,6 +193,34 @@ def test_oom_halves_the_micro_batch_keeping_the_effective_batch(capsys):
         torch.testing.assert_close(_adapter(model)[name], value, atol=1e-6, rtol=0)
 
 
+def test_the_oom_retry_starts_from_the_initial_gradients_too():
+    """Issue 20 item 2: the retry restored the adapter's weights but not their gradients, so a micro-batch
+    backpropagated before the out-of-memory error was counted again in the retry's first step (first-step gradient
+    0.49 relative error). Here the first attempt runs out of memory in the second micro-batch of its first window,
+    after the first one's backward."""
+    examples = _examples(32)
+    model = _model()
+    step = sft_step_fn(model, examples, pad_id=0, chunk_size=16, device="cpu")
+    calls = [0]
+
+    def oom_after_a_backward(batch):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(batch)
+
+    cfg = SFTConfig(epochs=1, micro_batch_size=4, grad_accum_steps=2, learning_rate=1e-2)
+    result, used = train_with_oom_retry(
+        lambda c: train_adapter(model, CPU, c, [8] * len(examples), oom_after_a_backward, seed=0), model, cfg,
+        allow_halving=True, stage="sft", advice=lambda: "", on_retry=lambda c: None)
+    assert (used.micro_batch_size, used.grad_accum_steps) == (2, 4) and result.optimizer_steps == 4
+    direct = _model()
+    train_adapter(direct, CPU, used, [8] * len(examples), sft_step_fn(direct, examples, pad_id=0, chunk_size=16,
+                                                                      device="cpu"), seed=0)
+    for name, value in _adapter(direct).items():
+        torch.testing.assert_close(_adapter(model)[name], value, atol=1e-6, rtol=0)
+
+
 def test_oom_without_halving_is_one_clear_error():
     model, examples = _model(), _examples()
     step = _oom_when_larger_than(2, sft_step_fn(model, examples, pad_id=0, chunk_size=16, device="cpu"))

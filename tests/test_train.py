@@ -12,8 +12,8 @@ from frugal_spin.config import LoraSection, SFTConfig, SpinConfig
 from frugal_spin.data import Encoded
 from frugal_spin.model import Runtime, attach_lora
 from frugal_spin.scoring import score_responses
-from frugal_spin.train import (NonFiniteStreak, StepOutput, plan_micro_batches, plan_windows, sft_step_fn,
-                               spin_step_fn, total_optimizer_steps, train_adapter)
+from frugal_spin.train import (NonFiniteStreak, StepOutput, TrainingStep, plan_micro_batches, plan_windows,
+                               sft_step_fn, spin_step_fn, total_optimizer_steps, train_adapter)
 
 CPU = Runtime(torch.device("cpu"), torch.float32, gradient_checkpointing=False)
 
@@ -163,11 +163,10 @@ def test_any_split_of_a_window_gives_the_one_batch_gradient(monkeypatch, kind, m
         out = step(batch)
         return StepOutput(out.loss * float("nan"), out.tokens) if skip in batch else out
 
-    maybe_bad.weight_of = step.weight_of
     cfg = SFTConfig(epochs=1, micro_batch_size=micro, grad_accum_steps=accum, max_grad_norm=0.0,
                     lr_scheduler="constant", warmup_ratio=0.0)
     lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in examples]
-    result = train_adapter(model, CPU, cfg, lengths, maybe_bad, seed=0)
+    result = train_adapter(model, CPU, cfg, lengths, TrainingStep(maybe_bad, step.weight_of), seed=0)
     windows = plan_windows(lengths, cfg, seed=0)
     assert len(recorder.grads) == len(windows) == result.optimizer_steps
     for window, grads in zip(windows, recorder.grads):
@@ -261,6 +260,39 @@ def test_overflow_at_scale_one_is_a_diverging_run(monkeypatch):
     cfg = SFTConfig(epochs=1, micro_batch_size=1, max_nonfinite_in_a_row=2, warmup_ratio=0.0)
     with pytest.raises(NonFiniteStreak, match="2 non-finite losses or gradients in a row at optimizer step 4/8"):
         train_adapter(model, FP16, cfg, [8] * 8, step, seed=0)
+
+
+@pytest.mark.parametrize("runtime", ["fp32 nan loss", "fp16 scaler overflow"])
+def test_a_skipped_step_leaves_the_schedule_where_it_was(monkeypatch, runtime):
+    """Issue 20 item 13: the scheduler stepped on optimizer steps that were skipped, so a run whose first step was
+    skipped (a NaN loss; the fp16 scaler finding its scale) called scheduler.step() before any optimizer.step():
+    torch warned, and the schedule ran ahead of the steps applied. It now moves with the applied steps only."""
+    import warnings
+
+    model, examples = _model(), _examples(8)
+    step = sft_step_fn(model, examples, pad_id=0, chunk_size=16, device="cpu")
+    if runtime == "fp16 scaler overflow":
+        _cpu_scaler(monkeypatch)
+        run, skipped = FP16, _overflowing(step, 3)
+    else:
+        calls = []
+
+        def skipped(batch):
+            calls.append(batch)
+            out = step(batch)
+            return StepOutput(out.loss * float("nan"), out.tokens) if len(calls) <= 3 else out
+
+        run = CPU
+    cfg = SFTConfig(epochs=1, micro_batch_size=1, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="linear",
+                    max_nonfinite_in_a_row=5)
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_adapter(model, run, cfg, [8] * 8, skipped, seed=0, on_log=lambda n, v: lrs.append(v["lr"]))
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert result.optimizer_steps == 8
+    applied = 8 - 3
+    assert lrs[-applied:] == pytest.approx([1e-2 * (1 - k / 8) for k in range(applied)])
 
 
 # ---------------------------------------------------------------- SPIN step 0 equals the opponent's cache
