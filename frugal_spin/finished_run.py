@@ -15,15 +15,14 @@ if its files are the ones the run recorded at setup (base_weights.check_base_unc
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from frugal_spin.config import Recipe, load_recipe
 from frugal_spin.errors import UserError
+from frugal_spin.plan import adapter_output, adapter_stage_names, adapter_stage_of, eval_name_of
 
-_ITER = re.compile(r"^iter_(\d+)$")
 STAGE_HELP = "sft, iter_<t> (e.g. iter_0) or last"
 
 
@@ -83,41 +82,31 @@ def _marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def _training_stage(name: str) -> str:
-    return "sft" if name == "sft" else f"{name}.train"
-
-
-def _eval_stage(name: str) -> str:
-    return f"{name}.eval"
-
-
 def finished_stages(run_dir: Path) -> list[FinishedStage]:
     """Every stage whose training finished (its marker exists), in pipeline order (sft, iter_0, iter_1, ...); one
     whose adapter is missing or differs from the marker's SHA-256 carries `problem`."""
     from frugal_spin.fingerprints import file_digest
 
-    iterations = sorted(int(m.group(1)) for p in (run_dir / "stages").glob("iter_*.train.json")
-                        if (m := re.match(r"^iter_(\d+)\.train\.json$", p.name)))
     out = []
-    for name in ["sft", *[f"iter_{t}" for t in iterations]]:
-        record = _marker(run_dir, _training_stage(name))
+    for name, training in adapter_stage_names(p.stem for p in (run_dir / "stages").glob("*.json")):
+        record = _marker(run_dir, training)
         if record is None:
             continue
-        adapter_dir = run_dir / name / "adapter"
-        recorded = (record.get("outputs") or {}).get(f"{name}/adapter", {})
+        adapter_dir = run_dir / adapter_output(training)
+        recorded = (record.get("outputs") or {}).get(adapter_output(training), {})
         problem = None
         if not adapter_dir.is_dir():
             problem = "is missing"
         elif recorded.get("sha256") != file_digest(adapter_dir)["sha256"]:
             problem = "differs from the one its stage recorded (corrupted or changed after training)"
-        out.append(FinishedStage(name, adapter_dir, record, _marker(run_dir, _eval_stage(name)), problem))
+        out.append(FinishedStage(name, adapter_dir, record, _marker(run_dir, eval_name_of(training)), problem))
     return out
 
 
 def resolve_stage(run_dir: Path, name: str, stages: list[FinishedStage] | None = None) -> FinishedStage:
     """One stage by the user's name; a bad name or a stage that has not finished is one clear line."""
     name = name.strip()
-    if name != "sft" and name != "last" and not _ITER.match(name):
+    if name != "last" and adapter_stage_of(name) is None:
         raise UserError(f"unknown stage {name!r}: use {STAGE_HELP}")
     stages = finished_stages(run_dir) if stages is None else stages
     if not stages:

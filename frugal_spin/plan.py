@@ -204,11 +204,17 @@ def with_kind_and_iteration(record: dict) -> dict:
     return {**record, "kind": kind, "iteration": iteration}
 
 
-def adapter_stage_names(records_or_names: Iterable[str]) -> list[tuple[str, str]]:
-    """(user's name, training stage name) of the SFT and SPIN adapters among these stage names, in pipeline order:
+def adapter_stage_names(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(user's name, training stage) of the SFT and SPIN adapters among these stage names, in pipeline order:
     ("sft", "sft"), ("iter_0", "iter_0.train"), ... (what `export` and `sample` call a stage)."""
-    names = set(records_or_names)
-    iterations = sorted(t for name in names if (d := describe(name)) and d[0] == "spin" and d[1] is not None
-                        for t in [d[1]])
-    out = [(SFT, SFT)] if SFT in names else []
-    return out + [(iteration_folder(t), spin_train_name(t)) for t in iterations]
+    names = set(names)
+    iterations = sorted(d[1] for name in names if (d := describe(name)) and d[0] == "spin")
+    return ([(SFT, SFT)] if SFT in names else []) + [(iteration_folder(t), spin_train_name(t)) for t in iterations]
+
+
+def adapter_stage_of(user_name: str) -> str | None:
+    """The training stage a user's name of an adapter means (`sft`, `iter_<t>`), None for any other name."""
+    if user_name == SFT:
+        return SFT
+    described = describe(f"{user_name}.train")
+    return f"{user_name}.train" if described and described[0] == "spin" else None

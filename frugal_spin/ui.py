@@ -83,7 +83,7 @@ def summary_table(records: list[dict[str, Any]]) -> Table:
         metrics = record["metrics"]
         table.add_row(record["stage"], f"{record['wall_time_s']:.1f}",
                       *[_fmt(metrics.get(key)) for key in SUMMARY_COLUMNS.values()])
-    table.caption = data_caption(next((r["metrics"] for r in records if r["stage"] == "setup"), {}))
+    table.caption = data_caption(next((r["metrics"] for r in records if r["kind"] == "setup"), {}))
     return table
 
 

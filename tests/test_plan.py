@@ -65,3 +65,47 @@ def test_crash_points_follow_from_the_plan():
         "iter_0.train.written", "iter_0.eval.nll", "iter_0.eval.written"]
     with pytest.raises(ValueError, match="declare no crash point 'nll'"):
         plan(_recipe(1))[1].point("nll")
+
+
+# Strings that look like stage names but are not spelt as one: the CLI's help for the names `export` and `sample`
+# take, and --restart's pattern of the folders a run writes (rundir.py; a folder, not a stage).
+ALLOWED = {("frugal_spin/finished_run.py", "sft, iter_<t> (e.g. iter_0) or last"),
+           ("frugal_spin/rundir.py", r"^(iter_\d+|spin_[a-z0-9_]+)$")}
+
+
+def _strings(tree):
+    """Every string the module's code builds (f-strings with {} for their values), docstrings left out."""
+    import ast
+
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    inside_fstrings = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            yield node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+              and id(node) not in inside_fstrings):
+            yield node.lineno, node.value
+
+
+def test_stage_names_are_spelt_in_plan_py_only():
+    """Issue 21: f"iter_{t}..." stage names were spelt 37 times over 6 modules. A string outside plan.py that builds
+    or matches a stage's name (an iteration or block prefix, a stage suffix, the name of a fixed stage) fails here;
+    prose (with spaces) does not count."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "frugal_spin"
+    looks_like_a_name = re.compile(r"(^|[^a-z])(iter|block)_(\d|\{|<|\*|\()|\.(train|eval|generate|score|"
+                                   r"score_previous|lm_eval)(\b|$)|^(sft\.eval|sft\.lm_eval)$")
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = str(path.relative_to(package.parent))
+        if rel == "frugal_spin/plan.py":
+            continue
+        for lineno, text in _strings(ast.parse(path.read_text(encoding="utf-8"))):
+            if " " not in text.strip() and looks_like_a_name.search(text) and (rel, text) not in ALLOWED:
+                found.append(f"{rel}:{lineno}: {text!r}")
+    assert not found, "stage names spelt outside plan.py:\n" + "\n".join(found)
