@@ -10,6 +10,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from frugal_spin.plan import with_kind_and_iteration
+
 console = Console(highlight=False)
 _quiet = False  # set on every rank but rank 0 of a multi-process run: one terminal shows the run
 
@@ -83,7 +85,8 @@ def summary_table(records: list[dict[str, Any]]) -> Table:
         metrics = record["metrics"]
         table.add_row(record["stage"], f"{record['wall_time_s']:.1f}",
                       *[_fmt(metrics.get(key)) for key in SUMMARY_COLUMNS.values()])
-    table.caption = data_caption(next((r["metrics"] for r in records if r["kind"] == "setup"), {}))
+    setup = next((r["metrics"] for r in records if with_kind_and_iteration(r)["kind"] == "setup"), {})
+    table.caption = data_caption(setup)
     return table
 
 
