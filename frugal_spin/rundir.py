@@ -84,7 +84,9 @@ def run_entries(recipe) -> list[str]:
     names += ["traces"] if recipe.profile.trace_steps else []
     names += ["tb"] if recipe.log.tensorboard else []
     names += ["wandb"] if recipe.log.wandb else []
-    return names + [f"iter_{t}" for t in range(recipe.spin.iterations)]
+    from frugal_spin.plan import iteration_folder
+
+    return names + [iteration_folder(t) for t in range(recipe.spin.iterations)]
 
 
 def _read_identity(path: Path) -> dict | None:

@@ -29,9 +29,12 @@ COMPARE = ["spin.iterations=1", "compare.seeds=1", "compare.spin_losses=[sigmoid
 
 
 def _markers(directory: Path) -> dict[str, str]:
-    """Every stage marker under `directory` but setup's (setup loads the base and data on every run by design)."""
+    """Every stage marker under `directory` but setup's (setup loads the base and data on every run by design);
+    the other files of stages/ (the directory's identity, the base's recorded files) are not stages."""
+    from frugal_spin.plan import describe
+
     return {str(p.relative_to(directory)): p.read_text() for p in sorted(directory.rglob("stages/*.json"))
-            if p.name not in ("setup.json", "run_directory.json", "weights_digest.json")}
+            if describe(p.stem) is not None and p.stem != "setup"}
 
 
 @pytest.fixture
