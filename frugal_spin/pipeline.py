@@ -59,13 +59,13 @@ def prepared_run_dir(recipe: Recipe, restart: bool = False, allow_existing: bool
 def check_before_loading(recipe: Recipe, restart: bool = False, allow_existing: bool = False) -> None:
     """The checks of a run that load no weights and no data, in the order the run applies them: the output directory
     (read-only: rundir.check_output_dir), then the references to the model, data and loggers, and a local model
-    directory's files (headers and config only). `--dry-run` applies exactly these; the run then goes on to
+    directory's files (headers and config only) or a hub id's form. `--dry-run` applies exactly these; the run then goes on to
     preflight.py (the tokenizer, LoRA targets and every data row). What this machine lacks (a GPU the recipe asks
     for) is the run's refusal alone: a recipe may be checked on another machine than it runs on."""
     from frugal_spin.data import check_dataset_reference
     from frugal_spin.live_log import check_log_backends
-    from frugal_spin.model_source import check_model_reference, local_model_dir
-    from frugal_spin.preflight import check_model_dir
+    from frugal_spin.model_source import check_model_reference, local_model_dir, model_source
+    from frugal_spin.preflight import check_hub_id, check_model_dir
 
     check_output_dir(Path(recipe.output_dir), restart, allow_existing, run_entries(recipe))
     check_dataset_reference(recipe.data)
@@ -74,6 +74,8 @@ def check_before_loading(recipe: Recipe, restart: bool = False, allow_existing: 
     local = local_model_dir(recipe.model)
     if local is not None:
         check_model_dir(local, recipe.model.trust_remote_code)
+    elif model_source(recipe.model).kind == "hub":
+        check_hub_id(recipe.model.name)  # the id's form only: whether the hub has it is preflight's to ask
 
 
 def start_run(recipe: Recipe, run_dir: Path, checked: Checked) -> tuple[RunContext, StageStore, Done]:

@@ -92,11 +92,8 @@ def base_source(cfg: ModelConfig) -> str:
     return base_location(cfg, None)
 
 
-def check_hub_model(name: str) -> None:
-    """For a hub id: fail in about a second, in one line, when the hub is offline or has no such model, instead of
-    transformers' retries with backoff (28 s and a dozen log lines). A model already in the local hub cache
-    passes without asking the network."""
-    from huggingface_hub import constants, model_info, try_to_load_from_cache
+def check_hub_id(name: str) -> None:
+    """A hub id that cannot be one (too long, characters the hub refuses) is one line, without asking the hub."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -104,6 +101,15 @@ def check_hub_model(name: str) -> None:
     except HFValidationError as exc:
         raise UserError(f"model.name: {name[:120]!r} is neither a local directory nor a valid hub id "
                         f"({' '.join(str(exc).split()).split(':')[0][:160]})") from None
+
+
+def check_hub_model(name: str) -> None:
+    """For a hub id: fail in about a second, in one line, when the hub is offline or has no such model, instead of
+    transformers' retries with backoff (28 s and a dozen log lines). A model already in the local hub cache
+    passes without asking the network."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    check_hub_id(name)
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return

@@ -282,21 +282,27 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(world, capsys, monk
     assert _tree(root) == before  # the earlier run, the user's files, the model and the data: untouched
 
 
-# What only loading finds (the tokenizer's template, the modules of the model built from its config, the data rows):
-# the dry run, which loads nothing, passes these; it refuses every other case of the table as the run does.
+# What only loading finds (the tokenizer and what its chat template writes, the modules of the model built from its
+# config, the data rows) and what only writing finds (a cache that cannot take what the run must put there): the dry
+# run, which loads and writes nothing, passes these; it refuses every other case of the table as the run does.
 LOADING_FINDS = {"no chat template", "unknown target module", "non-linear target module", "fewer rows than eval_size",
-                 "only unusable training rows"}
+                 "only unusable training rows", "template syntax error", "template TypeError", "template recursion",
+                 "template writes nothing", "one-row file", "deep row in a .json file", "FRUGAL_SPIN_CACHE is a file",
+                 "FRUGAL_SPIN_CACHE below a file", "FRUGAL_SPIN_CACHE a file, SmolLM2"}
 
 
 @pytest.mark.parametrize("name, text, args, message", CASES, ids=[c[0] for c in CASES])
-def test_the_dry_run_refuses_what_the_run_refuses_before_loading(world, capsys, name, text, args, message):
+def test_the_dry_run_refuses_what_the_run_refuses_before_loading(world, capsys, monkeypatch, name, text, args,
+                                                                  message):
     """Item 11 of issue 20: `--dry-run` applied none of the output directory's checks (output_dir=/ and the home
     directory passed); it now applies every check the run makes before it loads anything."""
     root, cache = world
     base = next(cache.glob("tiny-llama-*"))
     recipe = root / "r.yaml"
     recipe.write_text(RECIPE.read_text() if text is None else _place(text, root, base))
-    args = [_place(a, root, base) for a in args]
+    for variable, value in (a[len("env:"):].split("=", 1) for a in args if a.startswith("env:")):
+        monkeypatch.setenv(variable, _place(value, root, base))
+    args = [_place(a, root, base) for a in args if not a.startswith("env:")]
     if not any(a.startswith("output_dir=") for a in args) and (text is None or "output_dir" not in text):
         args.append(f"output_dir={root / 'run'}")
     before = _tree(root)
