@@ -482,7 +482,7 @@ def test_report_of_an_over_long_path_is_one_line(tmp_path, capsys):
                                  b'["sft"]', b'{"stage": "sft", "fingerprint": "a", "outputs": {"x": 1}}'],
                          ids=["not utf-8", "nested 100,000 deep", "a list", "outputs not records"])
 def test_a_malformed_stage_marker_is_recomputed_with_a_warning(tmp_path, capsys, raw):
-    from frugal_spin.stages import StageStore
+    from frugal_spin.stage_store import StageStore
 
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "sft.json").write_bytes(raw)
